@@ -1,0 +1,239 @@
+// CPU kernels: rows in parallel (torch's parallel_for, OpenMP), one fused
+// forward and one fused backward per row, the math from entmax_math.h.
+#include "../entmax_math.h"
+#include "../entmax_ops.h"
+
+#include <torch/csrc/stable/library.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace entmax_cuda {
+namespace {
+
+using namespace entmax_cuda::math;
+
+template <typename scalar_t> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
+// Scratch space of one thread, reused across its rows.
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> u;        // x - max(x), candidates first
+  std::vector<acc_t> p;        // candidate values at the current threshold
+  std::vector<int64_t> index;  // position of each candidate in the row
+  void reserve(int64_t n) {
+    u.resize(n);
+    p.resize(n);
+    index.resize(n);
+  }
+};
+
+// Forward of one row of length n (elements x[k * stride]); alpha per row.
+template <typename scalar_t, typename acc_t>
+void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_t alpha,
+                 RowScratch<acc_t>& s) {
+  const acc_t eps = alpha - acc_t(1);
+  acc_t m = neg_inf<acc_t>();
+  bool bad = !(eps >= acc_t(0));  // alpha < 1 or NaN
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t v = static_cast<acc_t>(x[k * stride]);
+    s.u[k] = v;
+    bad |= (v != v) || v == -neg_inf<acc_t>();  // NaN or +inf
+    m = v > m ? v : m;
+  }
+  if (bad) {
+    for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(quiet_nan<acc_t>());
+    return;
+  }
+  if (m == neg_inf<acc_t>()) {  // all entries masked: zeros by definition
+    for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(acc_t(0));
+    return;
+  }
+
+  if (eps == acc_t(0)) {  // alpha = 1: softmax
+    double sum = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t e = exp_(s.u[k] - m);
+      s.p[k] = e;
+      sum += e;
+    }
+    const acc_t inv = static_cast<acc_t>(1.0 / sum);
+    for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(s.p[k] * inv);
+    return;
+  }
+
+  // Entries more than 1/eps below the max are zero for every t >= 0 (section 8):
+  // keep the others (candidates) at the front of the scratch.
+  const acc_t inv_eps = acc_t(1) / eps;
+  const acc_t cutoff = -inv_eps;
+  int64_t c = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t u = s.u[k] - m;
+    if (u > cutoff) {
+      s.u[c] = u;
+      s.index[c] = k;
+      ++c;
+    }
+  }
+
+  RootFinder<acc_t> rf(threshold_upper_bound(eps, static_cast<acc_t>(c)), eps);
+  acc_t F = 0, inv_F = 0;
+  for (int it = 0;; ++it) {
+    double sum_p = 0, sum_p_over_z = 0;  // double sums: the row's rounding stays < 1 ulp
+    for (int64_t j = 0; j < c; ++j) {
+      const EntryAtT<acc_t> e = entry_at_t(s.u[j], rf.t, eps, inv_eps);
+      s.p[j] = e.p;
+      sum_p += e.p;
+      sum_p_over_z += e.p_over_z;
+    }
+    F = static_cast<acc_t>(sum_p);
+    inv_F = static_cast<acc_t>(1.0 / sum_p);
+    if (rf.update(F, static_cast<acc_t>(-sum_p_over_z)) || it + 1 >= kMaxRootIterations) break;
+  }
+
+  for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(acc_t(0));
+  for (int64_t j = 0; j < c; ++j) y[s.index[j] * stride] = static_cast<scalar_t>(s.p[j] * inv_F);
+}
+
+// Backward of one row: dX and dalpha together (sections 4 and 5).
+template <typename scalar_t, typename acc_t>
+acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int64_t stride,
+                   acc_t alpha, std::vector<acc_t>& g) {
+  const acc_t eps = alpha - acc_t(1);
+  BackwardSums<acc_t> sums;
+  sums.zero();
+  for (int64_t k = 0; k < n; ++k) {
+    g[k] = accumulate_backward_entry(static_cast<acc_t>(y[k * stride]),
+                                     static_cast<acc_t>(dy[k * stride]), eps, sums);
+  }
+  const acc_t q = backward_q(sums.g, sums.g_dy);
+  for (int64_t k = 0; k < n; ++k) {
+    dx[k * stride] = static_cast<scalar_t>(g[k] * (static_cast<acc_t>(dy[k * stride]) - q));
+  }
+  return alpha_gradient(sums, eps);
+}
+
+// Rows per parallel_for task: about 16k elements each.
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+// For alpha > 2 the entries at the support edge are p = z^(1/eps) with
+// 1/eps < 1: infinitely sensitive to z there, so float32 rounding of
+// u - t alone costs ~sqrt(ulp). Such rows run in double.
+template <typename scalar_t>
+struct ForwardScratch {
+  RowScratch<typename AccType<scalar_t>::type> acc;
+  RowScratch<double> wide;
+};
+
+template <typename scalar_t>
+void forward_row_dispatch(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride,
+                          typename AccType<scalar_t>::type alpha, ForwardScratch<scalar_t>& s) {
+  using acc_t = typename AccType<scalar_t>::type;
+  if (std::is_same<acc_t, float>::value && alpha > acc_t(2)) {
+    if (static_cast<int64_t>(s.wide.u.size()) < n) s.wide.reserve(n);
+    forward_row<scalar_t, double>(x, y, n, stride, static_cast<double>(alpha), s.wide);
+  } else {
+    forward_row<scalar_t, acc_t>(x, y, n, stride, alpha, s.acc);
+  }
+}
+
+template <typename scalar_t>
+void forward_cpu_typed(const Tensor& x, const Tensor& alpha, Tensor& y, const RowLayout& l) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* ap = alpha.const_data_ptr<acc_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  torch::stable::parallel_for(0, l.rows(), grain_rows(l.n), [&](int64_t begin, int64_t end) {
+    ForwardScratch<scalar_t> scratch;
+    scratch.acc.reserve(l.n);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / l.inner, i = r % l.inner;
+      const int64_t base = o * l.n * l.inner + i;
+      forward_row_dispatch<scalar_t>(xp + base, yp + base, l.n, l.inner, ap[r], scratch);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_cpu_typed(const Tensor& dy, const Tensor& y, const Tensor& alpha, Tensor& dx,
+                        Tensor& dalpha, const RowLayout& l) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  const acc_t* ap = alpha.const_data_ptr<acc_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  acc_t* dap = dalpha.mutable_data_ptr<acc_t>();
+  torch::stable::parallel_for(0, l.rows(), grain_rows(l.n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g(l.n);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / l.inner, i = r % l.inner;
+      const int64_t base = o * l.n * l.inner + i;
+      dap[r] = backward_row<scalar_t, acc_t>(dyp + base, yp + base, dxp + base, l.n, l.inner,
+                                             ap[r], g);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_float_types(ScalarType t, const F& f) {
+  switch (t) {
+    case ScalarType::Float: f(float{}); break;
+    case ScalarType::Double: f(double{}); break;
+    case ScalarType::Half: f(torch::headeronly::Half{}); break;
+    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
+    default: STD_TORCH_CHECK(false, "entmax: unsupported dtype");
+  }
+}
+
+Tensor entmax_forward_cpu(const Tensor& x_in, const Tensor& alpha_in, int64_t dim) {
+  check_input(x_in, "x");
+  STD_TORCH_CHECK(x_in.is_cpu(), "entmax_forward_cpu: x must be a CPU tensor");
+  dim = wrap_dim(dim, x_in.dim());
+  check_rows_tensor(x_in, alpha_in, dim, "alpha");
+  const Tensor x = torch::stable::contiguous(x_in);
+  const Tensor alpha = torch::stable::contiguous(alpha_in);
+  Tensor y = torch::stable::empty_like(x);
+  const RowLayout l = row_layout(x, dim);
+  if (x.numel() == 0) return y;
+  dispatch_float_types(x.scalar_type(), [&](auto tag) {
+    forward_cpu_typed<decltype(tag)>(x, alpha, y, l);
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> entmax_backward_cpu(const Tensor& dy_in, const Tensor& y_in,
+                                               const Tensor& alpha_in, int64_t dim) {
+  check_input(y_in, "y");
+  STD_TORCH_CHECK(y_in.is_cpu() && dy_in.is_cpu(), "entmax_backward_cpu: tensors must be on the CPU");
+  STD_TORCH_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "entmax_backward: grad and output dtypes differ");
+  STD_TORCH_CHECK(dy_in.sizes().equals(y_in.sizes()), "entmax_backward: grad and output shapes differ");
+  dim = wrap_dim(dim, y_in.dim());
+  check_rows_tensor(y_in, alpha_in, dim, "alpha");
+  const Tensor dy = torch::stable::contiguous(dy_in);
+  const Tensor y = torch::stable::contiguous(y_in);
+  const Tensor alpha = torch::stable::contiguous(alpha_in);
+  Tensor dx = torch::stable::empty_like(y);
+  Tensor dalpha = torch::stable::empty_like(alpha);
+  const RowLayout l = row_layout(y, dim);
+  if (y.numel() == 0) {
+    torch::stable::zero_(dalpha);
+    return std::make_tuple(dx, dalpha);
+  }
+  dispatch_float_types(y.scalar_type(), [&](auto tag) {
+    backward_cpu_typed<decltype(tag)>(dy, y, alpha, dx, dalpha, l);
+  });
+  return std::make_tuple(dx, dalpha);
+}
+
+}  // namespace
+}  // namespace entmax_cuda
+
+STABLE_TORCH_LIBRARY_IMPL(entmax_cuda, CPU, m) {
+  m.impl("entmax_forward", TORCH_BOX(&entmax_cuda::entmax_forward_cpu));
+  m.impl("entmax_backward", TORCH_BOX(&entmax_cuda::entmax_backward_cpu));
+}

@@ -1,0 +1,71 @@
+// Argument checks and row layout shared by the CPU and CUDA launchers.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+
+namespace entmax_cuda {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+// A tensor seen as rows along `dim`: element k of row (o, i) sits at
+// o * n * inner + k * inner + i in the contiguous tensor.
+struct RowLayout {
+  int64_t outer = 1;
+  int64_t n = 1;
+  int64_t inner = 1;
+  int64_t rows() const { return outer * inner; }
+};
+
+inline int64_t wrap_dim(int64_t dim, int64_t ndim) {
+  STD_TORCH_CHECK(ndim >= 1, "entmax: input must have at least one dimension");
+  STD_TORCH_CHECK(dim >= -ndim && dim < ndim, "entmax: dim ", dim,
+                  " is out of range for a tensor of ", ndim, " dimensions");
+  return dim < 0 ? dim + ndim : dim;
+}
+
+inline RowLayout row_layout(const Tensor& x, int64_t dim) {
+  RowLayout l;
+  for (int64_t i = 0; i < x.dim(); ++i) {
+    if (i < dim) l.outer *= x.size(i);
+    else if (i == dim) l.n = x.size(i);
+    else l.inner *= x.size(i);
+  }
+  return l;
+}
+
+inline bool is_supported_float(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
+         t == ScalarType::BFloat16;
+}
+
+// alpha: one value per row, x's shape with size 1 along dim, float32
+// (float64 for double inputs). The Python layer broadcasts it there.
+inline ScalarType alpha_dtype_for(ScalarType x) {
+  return x == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+inline void check_rows_tensor(const Tensor& x, const Tensor& a, int64_t dim, const char* what) {
+  STD_TORCH_CHECK(a.dim() == x.dim(), "entmax: ", what, " must have ", x.dim(),
+                  " dimensions (x's shape with size 1 along dim), got ", a.dim());
+  for (int64_t i = 0; i < x.dim(); ++i) {
+    const int64_t want = i == dim ? 1 : x.size(i);
+    STD_TORCH_CHECK(a.size(i) == want, "entmax: ", what, " has size ", a.size(i),
+                    " at dimension ", i, ", expected ", want);
+  }
+  STD_TORCH_CHECK(a.scalar_type() == alpha_dtype_for(x.scalar_type()), "entmax: ", what,
+                  " must be float64 for float64 input and float32 otherwise");
+  STD_TORCH_CHECK(a.device().type() == x.device().type() && a.get_device_index() == x.get_device_index(), "entmax: ", what, " is on another device than x");
+}
+
+inline void check_input(const Tensor& x, const char* what) {
+  STD_TORCH_CHECK(is_supported_float(x.scalar_type()), "entmax: ", what,
+                  " must be float16, bfloat16, float32 or float64");
+}
+
+}  // namespace entmax_cuda

@@ -1,0 +1,45 @@
+"""Python side of the torch ops: fake (meta) kernels and the autograd formula.
+
+The schemas and the CPU/CUDA kernels live in csrc/; the backward is an op of
+its own (entmax_cuda::entmax_backward), so torch.compile sees both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+forward_op = torch.ops.entmax_cuda.entmax_forward.default
+backward_op = torch.ops.entmax_cuda.entmax_backward.default
+
+
+@torch.library.register_fake("entmax_cuda::entmax_forward")
+def _entmax_forward_fake(x, alpha, dim):
+    torch._check(alpha.dim() == x.dim(), lambda: "entmax: alpha must have x's number of dimensions")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("entmax_cuda::entmax_backward")
+def _entmax_backward_fake(grad_y, y, alpha, dim):
+    return (
+        torch.empty_like(y, memory_format=torch.contiguous_format),
+        torch.empty_like(alpha, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, alpha, dim = inputs
+    ctx.save_for_backward(output, alpha)
+    ctx.dim = dim
+
+
+def _backward(ctx, grad_y):
+    y, alpha = ctx.saved_tensors
+    grad_x, grad_alpha = backward_op(grad_y, y, alpha, ctx.dim)
+    if not ctx.needs_input_grad[0]:
+        grad_x = None
+    if not ctx.needs_input_grad[1]:
+        grad_alpha = None
+    return grad_x, grad_alpha, None
+
+
+torch.library.register_autograd("entmax_cuda::entmax_forward", _backward, setup_context=_setup_context)
