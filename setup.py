@@ -68,14 +68,16 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
     cxx = opt + defines + ["-std=c++17", "-fdiagnostics-color=always"]
-    sources = [str(CSRC / "entmax.cpp"), str(CSRC / "cpu" / "entmax_cpu.cpp")]
-    if not with_cuda:
-        return [CppExtension("entmax_cuda._C", sources, extra_compile_args={"cxx": cxx})]
-    cxx.append("-DENTMAX_WITH_CUDA")
-    nvcc = opt + defines + ["-DUSE_CUDA", "-DENTMAX_WITH_CUDA", "-std=c++17", "--expt-relaxed-constexpr",
-                            "-lineinfo"]
-    sources.append(str(CSRC / "cuda" / "entmax_cuda.cu"))
-    return [CUDAExtension("entmax_cuda._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+    # _C: schemas and CPU kernels, loadable by any torch >= 2.10, CPU or CUDA build.
+    cpu_sources = [str(CSRC / "entmax.cpp"), str(CSRC / "cpu" / "entmax_cpu.cpp")]
+    modules = [CppExtension("entmax_cuda._C", cpu_sources, extra_compile_args={"cxx": cxx})]
+    if with_cuda:
+        # _C_cuda: the CUDA kernels, loaded only when the running torch has CUDA.
+        nvcc = opt + defines + ["-DUSE_CUDA", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        cuda_sources = [str(CSRC / "cuda" / "module.cpp"), str(CSRC / "cuda" / "entmax_cuda.cu")]
+        modules.append(CUDAExtension("entmax_cuda._C_cuda", cuda_sources,
+                                     extra_compile_args={"cxx": cxx + ["-DUSE_CUDA"], "nvcc": nvcc}))
+    return modules
 
 
 setup(

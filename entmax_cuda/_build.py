@@ -12,6 +12,9 @@ _REBUILD = (
 )
 
 
+CUDA_KERNELS_LOADED = False
+
+
 def _torch_version_tuple(v: str) -> tuple[int, int]:
     major, minor = v.split("+")[0].split(".")[:2]
     return int(major), int(minor)
@@ -34,16 +37,31 @@ def load_library() -> None:
             f"entmax_cuda needs torch >= {info.MIN_TORCH} at run time (it uses the LibTorch stable ABI); "
             f"this is torch {torch.__version__}. Upgrade torch, then " + _REBUILD
         )
-    if info.WITH_CUDA and torch.version.cuda is None:
-        raise ImportError(
-            f"entmax_cuda was built with CUDA kernels (against torch {info.TORCH_VERSION}) but this torch "
-            f"({torch.__version__}) is a CPU build. Install a CUDA build of torch, or rebuild for the CPU "
-            "with `ENTMAX_CUDA=0 pip install .`."
-        )
+    _import_extension("entmax_cuda._C", info)
+    global CUDA_KERNELS_LOADED
+    # The CUDA kernels live in their own module: a CPU-only torch still gets the CPU kernels.
+    if info.WITH_CUDA and torch.version.cuda is not None:
+        _import_extension("entmax_cuda._C_cuda", info)
+        CUDA_KERNELS_LOADED = True
+
+
+def _import_extension(name: str, info) -> None:
     try:
-        importlib.import_module("entmax_cuda._C")
+        importlib.import_module(name)
     except ImportError as exc:
         raise ImportError(
-            f"entmax_cuda's compiled kernels could not be loaded ({exc}). They were built against torch "
-            f"{info.TORCH_VERSION}; this is torch {torch.__version__}. " + _REBUILD
+            f"entmax_cuda's compiled kernels ({name}) could not be loaded ({exc}). They were built against "
+            f"torch {info.TORCH_VERSION}; this is torch {torch.__version__}. " + _REBUILD
         ) from exc
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why CUDA tensors cannot be used with this build, or None if they can."""
+    if CUDA_KERNELS_LOADED:
+        return None
+    info = build_info()
+    if not info.WITH_CUDA:
+        return ("entmax_cuda was built without CUDA kernels. Rebuild with a CUDA build of torch and the CUDA "
+                "toolkit (set CUDA_HOME; ENTMAX_CUDA=1 forces it): `pip install --no-build-isolation .`")
+    return (f"entmax_cuda's CUDA kernels are built, but this torch ({torch.__version__}) is a CPU build: "
+            "install a CUDA build of torch")

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from . import ops
+from . import _build, ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,6 +67,8 @@ def entmax(x: torch.Tensor, alpha=1.5, dim: int = -1) -> torch.Tensor:
     if not -x.dim() <= dim < x.dim():
         raise IndexError(f"entmax: dim {dim} is out of range for x with {x.dim()} dimensions")
     dim = dim % x.dim()
+    if x.is_cuda and not _build.CUDA_KERNELS_LOADED:
+        raise RuntimeError(_build.cuda_unavailable_reason())
     return ops.forward_op(x, _alpha_per_row(alpha, x, dim), dim)
 
 

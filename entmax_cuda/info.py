@@ -13,12 +13,13 @@ def main() -> None:
           f"valid for torch >= {info.MIN_TORCH} (LibTorch stable ABI)")
     print(f"running torch          {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"CUDA kernels           {'built, archs ' + info.CUDA_ARCHS if info.WITH_CUDA else 'not built'}")
+    _build.load_library()
+    reason = _build.cuda_unavailable_reason()
+    print(f"CUDA kernels loaded    {'yes' if reason is None else 'no: ' + reason}")
     print(f"CPU threads            {torch.get_num_threads()} "
           f"(torch's parallel backend: {'OpenMP' if torch.backends.openmp.is_available() else 'native'})")
     gpu = torch.cuda.is_available()
     print(f"GPU visible            {torch.cuda.get_device_name(0) if gpu else 'none'}")
-    _build.load_library()
-    print("kernels loaded         yes")
 
 
 if __name__ == "__main__":
