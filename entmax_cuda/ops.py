@@ -43,3 +43,19 @@ def _backward(ctx, grad_y):
 
 
 torch.library.register_autograd("entmax_cuda::entmax_forward", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, grad_grad_x, grad_grad_alpha):
+    raise NotImplementedError(
+        "entmax_cuda: double backward (gradients of gradients) is not implemented; "
+        "use entmax_cuda.reference.entmax_bisect_reference for higher-order gradients"
+    )
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "entmax_cuda::entmax_backward", _no_double_backward, setup_context=_backward_setup_context
+)

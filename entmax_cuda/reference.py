@@ -69,7 +69,7 @@ def entmax_reference_forward(x: torch.Tensor, alpha, dim: int = -1, n_iter: int 
     p = _p_of_t(u, (lo + hi) / 2, eps)
     p = p / p.sum(dim=-1, keepdim=True)
     p = torch.where(all_masked, torch.zeros_like(p), p)
-    bad_alpha = ~(eps >= 0)  # alpha < 1 or NaN
+    bad_alpha = ~(eps >= 0) | torch.isinf(eps)  # alpha < 1, NaN or inf
     p = torch.where(bad_alpha, torch.full_like(p, float("nan")), p)
     return p.transpose(dim, -1)
 
@@ -91,7 +91,7 @@ def _alpha_grad_stable(p, dy, eps, g):
     safe_eps = torch.where(eps == 0, torch.ones_like(eps), eps)
     w = torch.where(eps == 0, ell, torch.expm1(el) / safe_eps)
     v = torch.where(eps == 0, -ell, torch.expm1(-el) / safe_eps)
-    series = ell**2 / 2 * (1 + el / 3 + el**2 / 12)
+    series = ell**2 / 2 * (1 + el / 3 + el**2 / 12 + el**3 / 60 + el**4 / 360 + el**5 / 2520)
     r = torch.where(el.abs() < 1e-2, series, (torch.expm1(el) - el) / safe_eps**2)
     gsum = g.sum(-1, keepdim=True)
     pt = g / gsum

@@ -2,6 +2,7 @@
 // forward and one fused backward per row, the math from entmax_math.h.
 #include "../entmax_math.h"
 #include "../entmax_ops.h"
+#include "vector_math.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/headeronly/util/BFloat16.h>
@@ -20,16 +21,102 @@ using namespace entmax_cuda::math;
 template <typename scalar_t> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
 
+// The float32 hot loops, vectorised: compiled for AVX-512, AVX2 and baseline
+// x86-64, the CPU picks at load time (GCC function multi-versioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ENTMAX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ENTMAX_CPU_CLONES
+#endif
+
+// p_j = exp(x_j - m); returns sum p (in double).
+ENTMAX_CPU_CLONES
+double exp_shifted_f32(const float* x, float* p, int64_t n, float m) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = vmath::exp_f32(x[j] - m);
+    p[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// The candidates at threshold t (entry_at_t of entmax_math.h, vectorised):
+// p_j, and the sums F = sum p, -F' = sum p / z.
+ENTMAX_CPU_CLONES
+void evaluate_f32(const float* u, float* p, int64_t c, float t, float eps, float inv_eps, double* F,
+                  double* minus_dF) {
+  double sp = 0, sdz = 0;
+#pragma omp simd reduction(+ : sp, sdz)
+  for (int64_t j = 0; j < c; ++j) {
+    const float a = eps * (u[j] - t);
+    const bool valid = a > -1.0f;
+    const float as = valid ? a : 0.0f;
+    const float e = vmath::exp_f32(vmath::log1p_f32(as) * inv_eps);
+    const float pe = valid ? e : 0.0f;
+    p[j] = pe;
+    sp += pe;
+    sdz += pe / (1.0f + as);
+  }
+  *F = sp;
+  *minus_dF = sdz;
+}
+
+// The backward sums of one row (accumulate_backward_entry of entmax_math.h,
+// vectorised; eps > 0). Writes g; returns false if the row holds a NaN (the
+// caller then takes the scalar path, which propagates it).
+ENTMAX_CPU_CLONES
+bool backward_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, float eps, double* out) {
+  double s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_v = 0, s_p_v_l = 0, s_g_w = 0, s_g_r = 0, s_dy_g_rwl = 0;
+  int nan = 0;
+  const float inv_eps = 1.0f / eps, inv_eps2 = inv_eps * inv_eps;
+  const float series_limit = Tolerance<float>::series_limit;
+#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_v, s_p_v_l, s_g_w, s_g_r, s_dy_g_rwl) reduction(| : nan)
+  for (int64_t k = 0; k < n; ++k) {
+    const float pk = p[k], d = dy[k];
+    nan |= (pk != pk) | (d != d);
+    const bool on = pk > 0.0f;
+    const float l = on ? vmath::log_f32(pk < 1.17549435e-38f ? 1.17549435e-38f : pk) : 0.0f;
+    const float x = eps * l;
+    const float e = vmath::expm1_f32(x);
+    const float g = on ? pk / (1.0f + e) : 0.0f;
+    const float w = e * inv_eps;
+    const float v = -w / (1.0f + e);
+    const float r_series = l * l * 0.5f * expm1_minus_x_ratio(x);
+    const float r_direct = (e - x) * inv_eps2;
+    const float r = (x > -series_limit && x < series_limit) ? r_series : r_direct;
+    const float pv = on ? pk * v : 0.0f;
+    g_out[k] = g;
+    s_g += g;
+    s_g_dy += g * d;
+    s_p_l += pk * l;
+    s_p_v += pv;
+    s_p_v_l += pv * l;
+    s_g_w += g * w;
+    s_g_r += g * r;
+    s_dy_g_rwl += d * g * (r - w * l);
+  }
+  out[0] = s_g; out[1] = s_g_dy; out[2] = s_p_l; out[3] = s_p_v;
+  out[4] = s_p_v_l; out[5] = s_g_w; out[6] = s_g_r; out[7] = s_dy_g_rwl;
+  return nan == 0;
+}
+
+// The vector loops run over a multiple of kPad entries (padding that adds
+// exactly 0): short rows then need no scalar remainder loop.
+constexpr int64_t kPad = 16;
+inline int64_t padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
 // Scratch space of one thread, reused across its rows.
 template <typename acc_t>
 struct RowScratch {
   std::vector<acc_t> u;        // x - max(x), candidates first
   std::vector<acc_t> p;        // candidate values at the current threshold
   std::vector<int64_t> index;  // position of each candidate in the row
-  void reserve(int64_t n) {
-    u.resize(n);
-    p.resize(n);
-    index.resize(n);
+  void reserve(int64_t n) {  // + kPad: room to pad the vector loops to whole vectors
+    u.resize(n + kPad);
+    p.resize(n + kPad);
+    index.resize(n + kPad);
   }
 };
 
@@ -38,12 +125,18 @@ template <typename scalar_t, typename acc_t>
 void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_t alpha,
                  RowScratch<acc_t>& s) {
   const acc_t eps = alpha - acc_t(1);
+  if (stride == 1) {
+    for (int64_t k = 0; k < n; ++k) s.u[k] = static_cast<acc_t>(x[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) s.u[k] = static_cast<acc_t>(x[k * stride]);
+  }
   acc_t m = neg_inf<acc_t>();
-  bool bad = !(eps >= acc_t(0));  // alpha < 1 or NaN
+  int bad = !(eps >= acc_t(0)) || eps == -neg_inf<acc_t>();  // alpha < 1, NaN or inf
+  const acc_t* u_in = s.u.data();
+#pragma omp simd reduction(max : m) reduction(| : bad)
   for (int64_t k = 0; k < n; ++k) {
-    const acc_t v = static_cast<acc_t>(x[k * stride]);
-    s.u[k] = v;
-    bad |= (v != v) || v == -neg_inf<acc_t>();  // NaN or +inf
+    const acc_t v = u_in[k];
+    bad |= (v != v) | (v == -neg_inf<acc_t>());  // NaN or +inf
     m = v > m ? v : m;
   }
   if (bad) {
@@ -57,10 +150,15 @@ void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_
 
   if (eps == acc_t(0)) {  // alpha = 1: softmax
     double sum = 0;
-    for (int64_t k = 0; k < n; ++k) {
-      const acc_t e = exp_(s.u[k] - m);
-      s.p[k] = e;
-      sum += e;
+    if constexpr (std::is_same<acc_t, float>::value) {
+      for (int64_t k = n; k < padded(n); ++k) s.u[k] = neg_inf<float>();
+      sum = exp_shifted_f32(s.u.data(), s.p.data(), padded(n), m);
+    } else {
+      for (int64_t k = 0; k < n; ++k) {
+        const acc_t e = exp_(s.u[k] - m);
+        s.p[k] = e;
+        sum += e;
+      }
     }
     const acc_t inv = static_cast<acc_t>(1.0 / sum);
     for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(s.p[k] * inv);
@@ -72,49 +170,72 @@ void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_
   const acc_t inv_eps = acc_t(1) / eps;
   const acc_t cutoff = -inv_eps;
   int64_t c = 0;
-  for (int64_t k = 0; k < n; ++k) {
+  for (int64_t k = 0; k < n; ++k) {  // branch-free compaction (c <= k: in place is safe)
     const acc_t u = s.u[k] - m;
-    if (u > cutoff) {
-      s.u[c] = u;
-      s.index[c] = k;
-      ++c;
-    }
+    s.u[c] = u;
+    s.index[c] = k;
+    c += u > cutoff;
   }
 
+  for (int64_t j = c; j < padded(c); ++j) s.u[j] = neg_inf<acc_t>();
   RootFinder<acc_t> rf(threshold_upper_bound(eps, static_cast<acc_t>(c)), eps);
   acc_t F = 0, inv_F = 0;
   for (int it = 0;; ++it) {
     double sum_p = 0, sum_p_over_z = 0;  // double sums: the row's rounding stays < 1 ulp
-    for (int64_t j = 0; j < c; ++j) {
-      const EntryAtT<acc_t> e = entry_at_t(s.u[j], rf.t, eps, inv_eps);
-      s.p[j] = e.p;
-      sum_p += e.p;
-      sum_p_over_z += e.p_over_z;
+    if constexpr (std::is_same<acc_t, float>::value) {
+      evaluate_f32(s.u.data(), s.p.data(), padded(c), rf.t, eps, inv_eps, &sum_p, &sum_p_over_z);
+    } else {
+      for (int64_t j = 0; j < c; ++j) {
+        const EntryAtT<acc_t> e = entry_at_t(s.u[j], rf.t, eps, inv_eps);
+        s.p[j] = e.p;
+        sum_p += e.p;
+        sum_p_over_z += e.p_over_z;
+      }
     }
     F = static_cast<acc_t>(sum_p);
     inv_F = static_cast<acc_t>(1.0 / sum_p);
     if (rf.update(F, static_cast<acc_t>(-sum_p_over_z)) || it + 1 >= kMaxRootIterations) break;
   }
 
-  for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(acc_t(0));
+  if (stride == 1) {
+    for (int64_t k = 0; k < n; ++k) y[k] = static_cast<scalar_t>(acc_t(0));
+  } else {
+    for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(acc_t(0));
+  }
   for (int64_t j = 0; j < c; ++j) y[s.index[j] * stride] = static_cast<scalar_t>(s.p[j] * inv_F);
 }
 
 // Backward of one row: dX and dalpha together (sections 4 and 5).
+template <typename acc_t>
+struct BackwardScratch {
+  std::vector<acc_t> p, dy, g;
+  explicit BackwardScratch(int64_t n) : p(padded(n), acc_t(0)), dy(padded(n), acc_t(0)), g(padded(n)) {}
+};
+
 template <typename scalar_t, typename acc_t>
 acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int64_t stride,
-                   acc_t alpha, std::vector<acc_t>& g) {
+                   acc_t alpha, BackwardScratch<acc_t>& b) {
   const acc_t eps = alpha - acc_t(1);
-  BackwardSums<acc_t> sums;
-  sums.zero();
   for (int64_t k = 0; k < n; ++k) {
-    g[k] = accumulate_backward_entry(static_cast<acc_t>(y[k * stride]),
-                                     static_cast<acc_t>(dy[k * stride]), eps, sums);
+    b.p[k] = static_cast<acc_t>(y[k * stride]);
+    b.dy[k] = static_cast<acc_t>(dy[k * stride]);
+  }
+  BackwardSums<acc_t> sums;
+  bool done = false;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (eps > 0.0f && eps < 1e30f) {
+      double t[8];
+      done = backward_sums_f32(b.p.data(), b.dy.data(), b.g.data(), padded(n), eps, t);
+      sums.g = float(t[0]); sums.g_dy = float(t[1]); sums.p_l = float(t[2]); sums.p_v = float(t[3]);
+      sums.p_v_l = float(t[4]); sums.g_w = float(t[5]); sums.g_r = float(t[6]); sums.dy_g_rwl = float(t[7]);
+    }
+  }
+  if (!done) {
+    sums.zero();
+    for (int64_t k = 0; k < n; ++k) b.g[k] = accumulate_backward_entry(b.p[k], b.dy[k], eps, sums);
   }
   const acc_t q = backward_q(sums.g, sums.g_dy);
-  for (int64_t k = 0; k < n; ++k) {
-    dx[k * stride] = static_cast<scalar_t>(g[k] * (static_cast<acc_t>(dy[k * stride]) - q));
-  }
+  for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
   return alpha_gradient(sums, eps);
 }
 
@@ -169,12 +290,12 @@ void backward_cpu_typed(const Tensor& dy, const Tensor& y, const Tensor& alpha, 
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
   acc_t* dap = dalpha.mutable_data_ptr<acc_t>();
   torch::stable::parallel_for(0, l.rows(), grain_rows(l.n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> g(l.n);
+    BackwardScratch<acc_t> scratch(l.n);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / l.inner, i = r % l.inner;
       const int64_t base = o * l.n * l.inner + i;
       dap[r] = backward_row<scalar_t, acc_t>(dyp + base, yp + base, dxp + base, l.n, l.inner,
-                                             ap[r], g);
+                                             ap[r], scratch);
     }
   });
 }

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
     }
     m = warp_allreduce(m, tmp_scalar[warp], MaxOp());
     const acc_t eps = alpha[row] - acc_t(1);
-    bad = __any_sync(kFullMask, bad) || !(eps >= acc_t(0));
+    bad = __any_sync(kFullMask, bad) || !(eps >= acc_t(0)) || eps == -neg_inf<acc_t>();
     if (bad) { fill_row_warp(yr, n, lane, quiet_nan<float>()); continue; }
     if (m == neg_inf<acc_t>()) { fill_row_warp(yr, n, lane, 0.f); continue; }
 
@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     m = block_broadcast(MaxReduce(tmp).Reduce(m, MaxOp()), &slot);
     const acc_t eps = alpha[row] - acc_t(1);
-    bad = __syncthreads_or(bad) || !(eps >= acc_t(0));
+    bad = __syncthreads_or(bad) || !(eps >= acc_t(0)) || eps == -neg_inf<acc_t>();
     if (bad || m == neg_inf<acc_t>()) {
       const acc_t fill = bad ? quiet_nan<acc_t>() : acc_t(0);
       for (int64_t k = threadIdx.x; k < n; k += kBlockThreads) yr[k] = static_cast<scalar_t>(fill);
