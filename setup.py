@@ -8,6 +8,7 @@ Environment switches:
   ENTMAX_DEBUG=1         -O0 -g
 """
 
+import glob
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch.utils.cpp_extension as cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -23,6 +25,28 @@ DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0"  # RTX 20/30/40 first, A100 and H100 
 # The stable ABI subset of torch 2.10: one build stays valid for later torch releases.
 TORCH_TARGET_VERSION = "0x020a000000000000"
 MIN_TORCH = "2.10"
+
+
+def is_toolkit(root) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The CUDA toolkit's root. torch guesses it from the nvcc on PATH, which is wrong when
+    that nvcc is a wrapper script outside the toolkit: check the guess, then the usual places."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for root in candidates:
+        if is_toolkit(root):
+            return os.path.realpath(root)
+    return None
+
+
+CUDA_HOME = find_cuda_home()
+if CUDA_HOME is not None:
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    cpp_extension.CUDA_HOME = CUDA_HOME  # read when the CUDA extension is compiled and linked
 
 
 def want_cuda() -> bool:
@@ -35,6 +59,9 @@ def want_cuda() -> bool:
         if torch.version.cuda is None:
             sys.exit("ENTMAX_CUDA=1 but torch " + torch.__version__ + " is a CPU build: install a CUDA build of torch")
         return True
+    if torch.version.cuda is not None and CUDA_HOME is None:
+        print("entmax_cuda: torch is a CUDA build but no CUDA toolkit was found (set CUDA_HOME): "
+              "building the CPU kernels only", file=sys.stderr)
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
