@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   using MaxReduce = cub::BlockReduce<acc_t, kBlockThreads>;
   __shared__ typename MaxReduce::TempStorage tmp;
   __shared__ acc_t slot;
-  extern __shared__ unsigned char dynamic_smem[];
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
   acc_t* cache = reinterpret_cast<acc_t*>(dynamic_smem);
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -397,7 +397,8 @@ void launch_forward(const Tensor& x, const Tensor& alpha, Tensor& y, int64_t row
     forward_warp_kernel<scalar_t, 32><<<warp_grid, warp_block, 0, stream>>>(xp, ap, yp, rows, int(n));
   } else {
     const int64_t smem = n * static_cast<int64_t>(sizeof(acc_t));
-    if (smem <= max_dynamic_smem(x.get_device_index())) {
+    constexpr int64_t kStaticSmemMargin = 8 * 1024;  // the kernel's own reduction storage
+    if (smem + kStaticSmemMargin <= max_dynamic_smem(x.get_device_index())) {
       auto kernel = forward_block_kernel<scalar_t, true>;
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       kernel<<<grid_for(rows), kBlockThreads, smem, stream>>>(xp, ap, yp, rows, n);
