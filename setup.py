@@ -20,7 +20,8 @@ import torch.utils.cpp_extension as cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
-CSRC = ROOT / "csrc"
+os.chdir(ROOT)
+CSRC = Path("csrc")  # relative: setuptools refuses absolute source paths when building a wheel
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0"  # RTX 20/30/40 first, A100 and H100 too
 # The stable ABI subset of torch 2.10: one build stays valid for later torch releases.
 TORCH_TARGET_VERSION = "0x020a000000000000"
