@@ -41,7 +41,7 @@ git rev-parse --short HEAD >>"$OUT/machine.txt" 2>/dev/null || true
 date -u >>"$OUT/machine.txt"
 
 step build 300 env ENTMAX_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps . || exit 1
-step info 60 $PY -m entmax_cuda.info
+step info 60 $PY -P -m entmax_cuda.info
 step tests-cuda 180 $PY -P -m pytest -q -m cuda -p no:cacheprovider tests \
   --junitxml="$OUT/tests-cuda.xml"
 step bench-entmax 180 $PY benchmarks/bench_entmax.py --device cuda --quick --out "$OUT"

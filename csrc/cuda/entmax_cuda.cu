@@ -87,37 +87,54 @@ __device__ __forceinline__ void fill_row_warp(scalar_t* y, int n, int lane, floa
 }
 
 // ---------------------------------------------------------- warp forward
-// Root finding for one row held in registers (v = raw scores, m = row max),
-// in arithmetic comp_t (float, or double for alpha > 2 rows; see the CPU file).
+// Candidates of one row: the entries that can be nonzero (more than 1/eps
+// below the max cannot, section 8), compacted into the warp's shared memory.
+// For alpha >= 1.5 on attention-like rows that is a few percent of the row, so
+// each root-finding iteration costs ceil(c / 32) special-function slots
+// instead of K.
+template <typename acc_t, int K>
+struct WarpCandidates {
+  acc_t value[K * kWarpSize];        // raw scores of the candidates
+  unsigned short index[K * kWarpSize];  // their positions in the row (n <= 1024)
+};
+
+// Root finding over the candidates in arithmetic comp_t (float, or double for
+// alpha > 2 rows; see the CPU file). Returns F at the last evaluated threshold
+// and that threshold in t_last.
 template <typename comp_t, typename acc_t, int K>
-__device__ __forceinline__ comp_t solve_row_warp(const acc_t (&v)[K], acc_t (&p)[K], acc_t m, comp_t eps,
-                                                 int n, int lane,
+__device__ __forceinline__ comp_t solve_row_warp(const WarpCandidates<acc_t, K>& cand, int c, acc_t m,
+                                                 comp_t eps, int lane, comp_t& t_last,
                                                  typename cub::WarpReduce<Pair<comp_t>>::TempStorage& tmp) {
   const comp_t inv_eps = comp_t(1) / eps;
   const comp_t mm = static_cast<comp_t>(m);
-  int c = 0;  // entries that can be nonzero (more than 1/eps below the max cannot)
-#pragma unroll
-  for (int j = 0; j < K; ++j) {
-    const int k = lane + j * kWarpSize;
-    const bool cand = k < n && static_cast<comp_t>(v[j]) - mm > -inv_eps;
-    c += __popc(__ballot_sync(kFullMask, cand));
-  }
   RootFinder<comp_t> rf(threshold_upper_bound(eps, static_cast<comp_t>(c)), eps);
   comp_t F = 1;
   for (int it = 0;; ++it) {
     Pair<comp_t> s{comp_t(0), comp_t(0)};
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      const EntryAtT<comp_t> e = entry_at_t(static_cast<comp_t>(v[j]) - mm, rf.t, eps, inv_eps);
-      p[j] = static_cast<acc_t>(e.p);
+    for (int q = lane; q < c; q += kWarpSize) {
+      const EntryAtT<comp_t> e = entry_at_t(static_cast<comp_t>(cand.value[q]) - mm, rf.t, eps, inv_eps);
       s.a += e.p;
       s.b += e.p_over_z;
     }
     s = warp_allreduce_pair<comp_t>(s, tmp);
     F = s.a;
+    t_last = rf.t;
     if (rf.update(F, -s.b) || it + 1 >= kMaxRootIterations) break;
   }
   return F;
+}
+
+// y = p(t_last) / F on the candidates, 0 elsewhere.
+template <typename scalar_t, typename comp_t, typename acc_t, int K>
+__device__ __forceinline__ void write_row_warp(scalar_t* yr, int n, const WarpCandidates<acc_t, K>& cand, int c,
+                                               acc_t m, comp_t eps, comp_t t, comp_t F, int lane) {
+  fill_row_warp(yr, n, lane, 0.f);
+  __syncwarp();
+  const comp_t inv_eps = comp_t(1) / eps, inv_F = comp_t(1) / F;
+  for (int q = lane; q < c; q += kWarpSize) {
+    const comp_t u = static_cast<comp_t>(cand.value[q]) - static_cast<comp_t>(m);
+    yr[cand.index[q]] = static_cast<scalar_t>(entry_at_t(u, t, eps, inv_eps).p * inv_F);
+  }
 }
 
 template <typename scalar_t, int K>
@@ -128,13 +145,15 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
   __shared__ typename cub::WarpReduce<acc_t>::TempStorage tmp_scalar[kWarpsPerBlock];
   __shared__ typename cub::WarpReduce<Pair<acc_t>>::TempStorage tmp_pair[kWarpsPerBlock];
   __shared__ typename cub::WarpReduce<Pair<double>>::TempStorage tmp_pair_wide[kWarpsPerBlock];
+  __shared__ WarpCandidates<acc_t, K> candidates[kWarpsPerBlock];
   const int lane = threadIdx.x, warp = threadIdx.y;
+  WarpCandidates<acc_t, K>& cand = candidates[warp];
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
     const scalar_t* xr = x + row * n;
     scalar_t* yr = y + row * n;
-    acc_t v[K], p[K];
+    acc_t v[K];
     acc_t m = neg_inf<acc_t>();
     bool bad = false;
 #pragma unroll
@@ -150,26 +169,50 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
     if (bad) { fill_row_warp(yr, n, lane, quiet_nan<float>()); continue; }
     if (m == neg_inf<acc_t>()) { fill_row_warp(yr, n, lane, 0.f); continue; }
 
-    acc_t inv_F;
-    if (eps == acc_t(0)) {  // softmax
+    if (eps == acc_t(0)) {  // softmax, in registers
+      acc_t p[K];
       acc_t s = 0;
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         p[j] = exp_(v[j] - m);
         s += p[j];
       }
-      inv_F = acc_t(1) / warp_allreduce(s, tmp_scalar[warp], AddOp());
-    } else if (std::is_same<acc_t, float>::value && eps > acc_t(1)) {
-      inv_F = static_cast<acc_t>(1.0 / solve_row_warp<double, acc_t, K>(v, p, m, double(eps), n, lane,
-                                                                        tmp_pair_wide[warp]));
-    } else {
-      inv_F = acc_t(1) / solve_row_warp<acc_t, acc_t, K>(v, p, m, eps, n, lane, tmp_pair[warp]);
+      const acc_t inv_F = acc_t(1) / warp_allreduce(s, tmp_scalar[warp], AddOp());
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const int k = lane + j * kWarpSize;
+        if (k < n) yr[k] = static_cast<scalar_t>(p[j] * inv_F);
+      }
+      continue;
     }
+
+    // Compact the candidates (in row order) into shared memory.
+    const bool wide = std::is_same<acc_t, float>::value && eps > acc_t(1);
+    const double cutoff = -1.0 / static_cast<double>(eps);
+    int c = 0;
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       const int k = lane + j * kWarpSize;
-      if (k < n) yr[k] = static_cast<scalar_t>(p[j] * inv_F);
+      const bool is_cand = k < n && static_cast<double>(v[j]) - static_cast<double>(m) > cutoff;
+      const unsigned mask = __ballot_sync(kFullMask, is_cand);
+      if (is_cand) {
+        const int pos = c + __popc(mask & ((1u << lane) - 1u));
+        cand.value[pos] = v[j];
+        cand.index[pos] = static_cast<unsigned short>(k);
+      }
+      c += __popc(mask);
     }
+    __syncwarp();
+    if (wide) {
+      double t = 0;
+      const double F = solve_row_warp<double, acc_t, K>(cand, c, m, double(eps), lane, t, tmp_pair_wide[warp]);
+      write_row_warp<scalar_t, double, acc_t, K>(yr, n, cand, c, m, double(eps), t, F, lane);
+    } else {
+      acc_t t = 0;
+      const acc_t F = solve_row_warp<acc_t, acc_t, K>(cand, c, m, eps, lane, t, tmp_pair[warp]);
+      write_row_warp<scalar_t, acc_t, acc_t, K>(yr, n, cand, c, m, eps, t, F, lane);
+    }
+    __syncwarp();  // the candidates are rewritten by the warp's next row
   }
 }
 
