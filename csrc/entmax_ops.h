@@ -7,11 +7,44 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace entmax_cuda {
 
 using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
+
+// Helpers with internal linkage: _C and _C_cuda each keep their own copy
+// (no cross-library symbol interposition).
+namespace {
+
+// Error messages are built from std::string pieces, never iostreams: a stream
+// formatting an integer crashed inside _C_cuda on the H200 machine (torch 2.11,
+// nvcc 13), so nothing on the error path of either library uses one.
+inline std::string to_text(const char* s) { return s; }
+inline std::string to_text(const std::string& s) { return s; }
+template <typename T>
+inline std::string to_text(T v) { return std::to_string(v); }
+
+template <typename... Args>
+inline std::string concat(const Args&... args) {
+  std::string out;
+  (out += ... += to_text(args));
+  return out;
+}
+
+}  // namespace
+}  // namespace entmax_cuda
+
+// ENTMAX_CHECK(cond, pieces...): throws std::runtime_error (RuntimeError in Python).
+#define ENTMAX_CHECK(cond, ...)                                                \
+  do {                                                                         \
+    if (!(cond)) throw std::runtime_error(::entmax_cuda::concat(__VA_ARGS__)); \
+  } while (0)
+
+namespace entmax_cuda {
+namespace {
 
 // A tensor seen as rows along `dim`: element k of row (o, i) sits at
 // o * n * inner + k * inner + i in the contiguous tensor.
@@ -23,8 +56,8 @@ struct RowLayout {
 };
 
 inline int64_t wrap_dim(int64_t dim, int64_t ndim) {
-  STD_TORCH_CHECK(ndim >= 1, "entmax: input must have at least one dimension");
-  STD_TORCH_CHECK(dim >= -ndim && dim < ndim, "entmax: dim ", dim,
+  ENTMAX_CHECK(ndim >= 1, "entmax: input must have at least one dimension");
+  ENTMAX_CHECK(dim >= -ndim && dim < ndim, "entmax: dim ", dim,
                   " is out of range for a tensor of ", ndim, " dimensions");
   return dim < 0 ? dim + ndim : dim;
 }
@@ -51,21 +84,22 @@ inline ScalarType alpha_dtype_for(ScalarType x) {
 }
 
 inline void check_rows_tensor(const Tensor& x, const Tensor& a, int64_t dim, const char* what) {
-  STD_TORCH_CHECK(a.dim() == x.dim(), "entmax: ", what, " must have ", x.dim(),
+  ENTMAX_CHECK(a.dim() == x.dim(), "entmax: ", what, " must have ", x.dim(),
                   " dimensions (x's shape with size 1 along dim), got ", a.dim());
   for (int64_t i = 0; i < x.dim(); ++i) {
     const int64_t want = i == dim ? 1 : x.size(i);
-    STD_TORCH_CHECK(a.size(i) == want, "entmax: ", what, " has size ", a.size(i),
+    ENTMAX_CHECK(a.size(i) == want, "entmax: ", what, " has size ", a.size(i),
                     " at dimension ", i, ", expected ", want);
   }
-  STD_TORCH_CHECK(a.scalar_type() == alpha_dtype_for(x.scalar_type()), "entmax: ", what,
+  ENTMAX_CHECK(a.scalar_type() == alpha_dtype_for(x.scalar_type()), "entmax: ", what,
                   " must be float64 for float64 input and float32 otherwise");
-  STD_TORCH_CHECK(a.device().type() == x.device().type() && a.get_device_index() == x.get_device_index(), "entmax: ", what, " is on another device than x");
+  ENTMAX_CHECK(a.device().type() == x.device().type() && a.get_device_index() == x.get_device_index(), "entmax: ", what, " is on another device than x");
 }
 
 inline void check_input(const Tensor& x, const char* what) {
-  STD_TORCH_CHECK(is_supported_float(x.scalar_type()), "entmax: ", what,
+  ENTMAX_CHECK(is_supported_float(x.scalar_type()), "entmax: ", what,
                   " must be float16, bfloat16, float32 or float64");
 }
 
+}  // namespace
 }  // namespace entmax_cuda

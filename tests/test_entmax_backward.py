@@ -352,9 +352,10 @@ def test_cuda_gradients_equal_cpu_gradients(dtype, n):
     dy = _scores((rows, n), 1.0, dtype, "cpu")
     grads = {}
     for dev in ("cpu", "cuda"):
-        xd = x.to(dev).requires_grad_()
-        ad = alpha.to(dev).requires_grad_()
-        hd = head_alpha.to(dev).requires_grad_()
+        # fresh leaves on each device (x.to("cpu") would return x itself)
+        xd = x.detach().clone().to(dev).requires_grad_()
+        ad = alpha.detach().clone().to(dev).requires_grad_()
+        hd = head_alpha.detach().clone().to(dev).requires_grad_()
         (entmax_cuda.entmax(xd, ad) * dy.to(dev)).sum().backward()
         (entmax_cuda.entmax(xd.detach(), hd) * dy.to(dev)).sum().backward()
         grads[dev] = (xd.grad.cpu(), ad.grad.cpu(), hd.grad.cpu())

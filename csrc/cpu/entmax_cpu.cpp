@@ -307,13 +307,13 @@ void dispatch_float_types(ScalarType t, const F& f) {
     case ScalarType::Double: f(double{}); break;
     case ScalarType::Half: f(torch::headeronly::Half{}); break;
     case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, "entmax: unsupported dtype");
+    default: ENTMAX_CHECK(false, "entmax: unsupported dtype");
   }
 }
 
 Tensor entmax_forward_cpu(const Tensor& x_in, const Tensor& alpha_in, int64_t dim) {
   check_input(x_in, "x");
-  STD_TORCH_CHECK(x_in.is_cpu(), "entmax_forward_cpu: x must be a CPU tensor");
+  ENTMAX_CHECK(x_in.is_cpu(), "entmax_forward_cpu: x must be a CPU tensor");
   dim = wrap_dim(dim, x_in.dim());
   check_rows_tensor(x_in, alpha_in, dim, "alpha");
   const Tensor x = torch::stable::contiguous(x_in);
@@ -330,9 +330,9 @@ Tensor entmax_forward_cpu(const Tensor& x_in, const Tensor& alpha_in, int64_t di
 std::tuple<Tensor, Tensor> entmax_backward_cpu(const Tensor& dy_in, const Tensor& y_in,
                                                const Tensor& alpha_in, int64_t dim) {
   check_input(y_in, "y");
-  STD_TORCH_CHECK(y_in.is_cpu() && dy_in.is_cpu(), "entmax_backward_cpu: tensors must be on the CPU");
-  STD_TORCH_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "entmax_backward: grad and output dtypes differ");
-  STD_TORCH_CHECK(dy_in.sizes().equals(y_in.sizes()), "entmax_backward: grad and output shapes differ");
+  ENTMAX_CHECK(y_in.is_cpu() && dy_in.is_cpu(), "entmax_backward_cpu: tensors must be on the CPU");
+  ENTMAX_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "entmax_backward: grad and output dtypes differ");
+  ENTMAX_CHECK(dy_in.sizes().equals(y_in.sizes()), "entmax_backward: grad and output shapes differ");
   dim = wrap_dim(dim, y_in.dim());
   check_rows_tensor(y_in, alpha_in, dim, "alpha");
   const Tensor dy = torch::stable::contiguous(dy_in);

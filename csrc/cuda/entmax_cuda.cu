@@ -226,6 +226,21 @@ __device__ __forceinline__ T block_broadcast(T v, T* slot) {
   return r;
 }
 
+// A thread's share of a long row's sum: float partial sums of 32 terms flushed
+// into a double, so a million-entry row keeps float32's last digit (a plain
+// float running sum over ~2000 terms per thread loses ~1e-4 relative).
+struct ChunkedSum {
+  double total = 0;
+  float part = 0;
+  int count = 0;
+  __device__ __forceinline__ void add(float v) {
+    part += v;
+    if (++count == 32) { total += part; part = 0; count = 0; }
+  }
+  __device__ __forceinline__ void add(double v) { total += v; }
+  __device__ __forceinline__ double value() const { return total + part; }
+};
+
 // One entry of a long row: from the shared-memory cache or from global memory.
 template <typename scalar_t, typename acc_t, bool CACHED>
 __device__ __forceinline__ acc_t row_value(const scalar_t* xr, const acc_t* cache, int64_t k) {
@@ -236,11 +251,11 @@ template <typename scalar_t, typename comp_t, bool CACHED>
 __device__ comp_t solve_row_block(const scalar_t* xr, const typename AccType<scalar_t>::type* cache,
                                   int64_t n, comp_t m, comp_t eps, comp_t& t_final) {
   using acc_t = typename AccType<scalar_t>::type;
-  using PairReduce = cub::BlockReduce<Pair<comp_t>, kBlockThreads>;
+  using PairReduce = cub::BlockReduce<Pair<double>, kBlockThreads>;
   using CountReduce = cub::BlockReduce<int64_t, kBlockThreads>;
   __shared__ typename PairReduce::TempStorage tmp;
   __shared__ typename CountReduce::TempStorage tmp_count;
-  __shared__ Pair<comp_t> slot;
+  __shared__ Pair<double> slot;
   __shared__ int64_t count_slot;
   const comp_t inv_eps = comp_t(1) / eps;
 
@@ -253,18 +268,19 @@ __device__ comp_t solve_row_block(const scalar_t* xr, const typename AccType<sca
   RootFinder<comp_t> rf(threshold_upper_bound(eps, static_cast<comp_t>(c)), eps);
   comp_t F = 1;
   for (int it = 0;; ++it) {
-    Pair<comp_t> s{comp_t(0), comp_t(0)};
+    ChunkedSum sum_p, sum_p_over_z;
     for (int64_t k = threadIdx.x; k < n; k += kBlockThreads) {
       const comp_t u = static_cast<comp_t>(row_value<scalar_t, acc_t, CACHED>(xr, cache, k)) - m;
       if (u <= -inv_eps) continue;  // zero for every t >= 0: no special functions
       const EntryAtT<comp_t> e = entry_at_t(u, rf.t, eps, inv_eps);
-      s.a += e.p;
-      s.b += e.p_over_z;
+      sum_p.add(e.p);
+      sum_p_over_z.add(e.p_over_z);
     }
-    s = block_broadcast(PairReduce(tmp).Reduce(s, PairSum()), &slot);
-    F = s.a;
+    const Pair<double> s = block_broadcast(
+        PairReduce(tmp).Reduce(Pair<double>{sum_p.value(), sum_p_over_z.value()}, PairSum()), &slot);
+    F = static_cast<comp_t>(s.a);
     t_final = rf.t;
-    if (rf.update(F, -s.b) || it + 1 >= kMaxRootIterations) break;
+    if (rf.update(F, static_cast<comp_t>(-s.b)) || it + 1 >= kMaxRootIterations) break;
   }
   return F;
 }
@@ -286,8 +302,11 @@ __global__ void __launch_bounds__(kBlockThreads)
                          scalar_t* __restrict__ y, int64_t rows, int64_t n) {
   using acc_t = typename AccType<scalar_t>::type;
   using MaxReduce = cub::BlockReduce<acc_t, kBlockThreads>;
+  using SumReduce = cub::BlockReduce<double, kBlockThreads>;
   __shared__ typename MaxReduce::TempStorage tmp;
+  __shared__ typename SumReduce::TempStorage tmp_sum;
   __shared__ acc_t slot;
+  __shared__ double sum_slot;
   extern __shared__ __align__(16) unsigned char dynamic_smem[];
   acc_t* cache = reinterpret_cast<acc_t*>(dynamic_smem);
 
@@ -312,10 +331,10 @@ __global__ void __launch_bounds__(kBlockThreads)
       continue;
     }
     if (eps == acc_t(0)) {  // softmax
-      acc_t s = 0;
+      ChunkedSum s;
       for (int64_t k = threadIdx.x; k < n; k += kBlockThreads)
-        s += exp_(row_value<scalar_t, acc_t, CACHED>(xr, cache, k) - m);
-      const acc_t inv = acc_t(1) / block_broadcast(MaxReduce(tmp).Sum(s), &slot);
+        s.add(exp_(row_value<scalar_t, acc_t, CACHED>(xr, cache, k) - m));
+      const acc_t inv = static_cast<acc_t>(1.0 / block_broadcast(SumReduce(tmp_sum).Sum(s.value()), &sum_slot));
       for (int64_t k = threadIdx.x; k < n; k += kBlockThreads)
         yr[k] = static_cast<scalar_t>(exp_(row_value<scalar_t, acc_t, CACHED>(xr, cache, k) - m) * inv);
     } else if (std::is_same<acc_t, float>::value && eps > acc_t(1)) {
@@ -376,29 +395,48 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
   }
 }
 
+template <typename T>
+__device__ __forceinline__ BackwardSums<double> widen(const BackwardSums<T>& s) {
+  BackwardSums<double> w;
+  w.g = s.g; w.g_dy = s.g_dy; w.p_l = s.p_l; w.p_v = s.p_v;
+  w.p_v_l = s.p_v_l; w.g_w = s.g_w; w.g_r = s.g_r; w.dy_g_rwl = s.dy_g_rwl;
+  return w;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_block_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
                           const typename AccType<scalar_t>::type* __restrict__ alpha, scalar_t* __restrict__ dx,
                           typename AccType<scalar_t>::type* __restrict__ dalpha, int64_t rows, int64_t n) {
   using acc_t = typename AccType<scalar_t>::type;
-  using SumsReduce = cub::BlockReduce<BackwardSums<acc_t>, kBlockThreads>;
+  using SumsReduce = cub::BlockReduce<BackwardSums<double>, kBlockThreads>;
   __shared__ typename SumsReduce::TempStorage tmp;
-  __shared__ BackwardSums<acc_t> slot;
+  __shared__ BackwardSums<double> slot;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * n;
     const acc_t eps = alpha[row] - acc_t(1);
-    BackwardSums<acc_t> s;
-    s.zero();
-    for (int64_t k = threadIdx.x; k < n; k += kBlockThreads)
-      accumulate_backward_entry(static_cast<acc_t>(y[base + k]), static_cast<acc_t>(dy[base + k]), eps, s);
-    s = block_broadcast(SumsReduce(tmp).Reduce(s, SumsAdd()), &slot);
-    const acc_t q = backward_q(s.g, s.g_dy);
+    // float partial sums of 32 entries, flushed into double (see ChunkedSum)
+    BackwardSums<acc_t> part;
+    BackwardSums<double> total;
+    part.zero();
+    total.zero();
+    int count = 0;
+    for (int64_t k = threadIdx.x; k < n; k += kBlockThreads) {
+      accumulate_backward_entry(static_cast<acc_t>(y[base + k]), static_cast<acc_t>(dy[base + k]), eps, part);
+      if (++count == 32) {
+        total = total + widen(part);
+        part.zero();
+        count = 0;
+      }
+    }
+    total = total + widen(part);
+    const BackwardSums<double> s = block_broadcast(SumsReduce(tmp).Reduce(total, SumsAdd()), &slot);
+    const acc_t q = static_cast<acc_t>(backward_q(s.g, s.g_dy));
     for (int64_t k = threadIdx.x; k < n; k += kBlockThreads) {
       const acc_t g = support_weight(static_cast<acc_t>(y[base + k]), eps);
       dx[base + k] = static_cast<scalar_t>(g * (static_cast<acc_t>(dy[base + k]) - q));
     }
-    if (threadIdx.x == 0) dalpha[row] = alpha_gradient(s, eps);
+    if (threadIdx.x == 0) dalpha[row] = static_cast<acc_t>(alpha_gradient(s, static_cast<double>(eps)));
   }
 }
 
@@ -411,7 +449,7 @@ cudaStream_t current_stream(const Tensor& t) {
 
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  STD_TORCH_CHECK(err == cudaSuccess, "entmax_cuda: ", what, " launch failed: ", cudaGetErrorString(err));
+  ENTMAX_CHECK(err == cudaSuccess, "entmax_cuda: ", what, " launch failed: ", cudaGetErrorString(err));
 }
 
 int64_t grid_for(int64_t blocks) { return std::min<int64_t>(std::max<int64_t>(blocks, 1), 1 << 20); }
@@ -483,7 +521,7 @@ void dispatch_float_types(ScalarType t, const F& f) {
     case ScalarType::Double: f(double{}); break;
     case ScalarType::Half: f(torch::headeronly::Half{}); break;
     case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, "entmax: unsupported dtype");
+    default: ENTMAX_CHECK(false, "entmax: unsupported dtype");
   }
 }
 
@@ -504,7 +542,7 @@ Tensor last_to_dim(const Tensor& t, int64_t dim) {
 
 Tensor entmax_forward_cuda(const Tensor& x_in, const Tensor& alpha_in, int64_t dim) {
   check_input(x_in, "x");
-  STD_TORCH_CHECK(x_in.is_cuda(), "entmax_forward_cuda: x must be a CUDA tensor");
+  ENTMAX_CHECK(x_in.is_cuda(), "entmax_forward_cuda: x must be a CUDA tensor");
   dim = wrap_dim(dim, x_in.dim());
   check_rows_tensor(x_in, alpha_in, dim, "alpha");
   const torch::stable::accelerator::DeviceGuard guard(x_in.get_device_index());
@@ -524,9 +562,9 @@ Tensor entmax_forward_cuda(const Tensor& x_in, const Tensor& alpha_in, int64_t d
 std::tuple<Tensor, Tensor> entmax_backward_cuda(const Tensor& dy_in, const Tensor& y_in, const Tensor& alpha_in,
                                                 int64_t dim) {
   check_input(y_in, "y");
-  STD_TORCH_CHECK(y_in.is_cuda() && dy_in.is_cuda(), "entmax_backward_cuda: tensors must be CUDA tensors");
-  STD_TORCH_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "entmax_backward: grad and output dtypes differ");
-  STD_TORCH_CHECK(dy_in.sizes().equals(y_in.sizes()), "entmax_backward: grad and output shapes differ");
+  ENTMAX_CHECK(y_in.is_cuda() && dy_in.is_cuda(), "entmax_backward_cuda: tensors must be CUDA tensors");
+  ENTMAX_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "entmax_backward: grad and output dtypes differ");
+  ENTMAX_CHECK(dy_in.sizes().equals(y_in.sizes()), "entmax_backward: grad and output shapes differ");
   dim = wrap_dim(dim, y_in.dim());
   check_rows_tensor(y_in, alpha_in, dim, "alpha");
   const torch::stable::accelerator::DeviceGuard guard(y_in.get_device_index());
