@@ -1,0 +1,188 @@
+"""DSAN (Yuan et al., AAAI 2021), written in the order of the equations of docs/dsan.md.
+
+Shapes: B sessions, L = the batch's longest session (right-padded with item 0),
+d = 2 * embedding_dim = 200 (item and position embeddings concatenated).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_CHOICES = ("adaptive-entmax", "entmax-reference", "softmax", "entmax:ALPHA", "entmax-bisect-lib")
+ITEM_MAX_NORM = 1.5
+TARGET_ATTENTION_INIT_STD = 0.05
+
+
+# ---------------------------------------------------------------- attention normalisers
+
+
+class AttentionUnavailable(RuntimeError):
+    """The chosen normaliser needs a package that cannot be imported."""
+
+
+def _entmax_reference():
+    """The pure-PyTorch bisection of entmax_cuda; loaded from the source file when the
+    compiled package cannot be imported (a checkout whose extension is not built yet)."""
+    try:
+        from entmax_cuda.reference import entmax_bisect_reference
+    except ImportError:
+        path = Path(__file__).resolve().parents[1] / "entmax_cuda" / "reference.py"
+        if not path.is_file():
+            raise
+        spec = importlib.util.spec_from_file_location("_entmax_cuda_reference", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        entmax_bisect_reference = module.entmax_bisect_reference
+    return entmax_bisect_reference
+
+
+def attention_normaliser(name: str):
+    """Returns (normalise(scores, alpha, dim) -> weights, uses_learned_alpha).
+
+    alpha has scores' shape with size 1 along dim (one alpha per session)."""
+    if name == "softmax":
+        return (lambda scores, alpha, dim: torch.softmax(scores, dim=dim)), False
+    if name == "adaptive-entmax":
+        try:
+            import entmax_cuda
+        except ImportError as e:
+            raise AttentionUnavailable(f"--attention adaptive-entmax needs the compiled entmax_cuda package "
+                               f"({e}); build it or use --attention entmax-reference") from e
+        return (lambda scores, alpha, dim: entmax_cuda.entmax(scores, alpha, dim=dim)), True
+    if name == "entmax-reference":
+        reference = _entmax_reference()
+        return (lambda scores, alpha, dim: reference(scores, alpha, dim=dim, n_iter=50)), True
+    if name == "entmax-bisect-lib":
+        try:
+            from entmax import entmax_bisect
+        except ImportError as e:
+            raise AttentionUnavailable(
+                "--attention entmax-bisect-lib needs the `entmax` package (pip install entmax)") from e
+        return (lambda scores, alpha, dim: entmax_bisect(scores, alpha, dim=dim, n_iter=50)), True
+    if name.startswith("entmax:"):
+        try:
+            fixed_alpha = float(name.split(":", 1)[1])
+        except ValueError:
+            fixed_alpha = float("nan")
+        if not fixed_alpha >= 1:
+            raise ValueError(f"--attention {name}: the fixed alpha must be a number >= 1")
+        try:
+            import entmax_cuda
+            fused = entmax_cuda.entmax
+        except ImportError:  # same math, slower
+            fused = _entmax_reference()
+        return (lambda scores, alpha, dim: fused(scores, fixed_alpha, dim=dim)), False
+    raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+
+
+# ---------------------------------------------------------------- the model
+
+
+class DSAN(nn.Module):
+    def __init__(self, n_items: int, max_session_length: int, embedding_dim: int = 100,
+                 dropout: float = 0.5, wk: float = 20.0, attention: str = "adaptive-entmax"):
+        super().__init__()
+        self.n_items = n_items
+        self.target_id = n_items + 1
+        self.max_session_length = max_session_length
+        self.wk = wk
+        d = 2 * embedding_dim
+        self.d = d
+        # (1) inputs: item (0 = padding, n_items + 1 = target) and position (0 = padding) tables
+        self.item_embedding = nn.Embedding(n_items + 2, embedding_dim, padding_idx=0, max_norm=ITEM_MAX_NORM)
+        self.position_embedding = nn.Embedding(max_session_length + 2, embedding_dim, padding_idx=0)
+        # (2), (4) one linear layer gives both alphas
+        self.alpha_layer = nn.Linear(d, 1)
+        # (3) self-attention: query projection only; feed-forward block
+        self.query = nn.Linear(d, d)
+        self.feed_forward_in = nn.Linear(d, d)
+        self.feed_forward_out = nn.Linear(d, d)
+        self.layer_norm = nn.LayerNorm(d)
+        # (5) additive target attention
+        self.target_item_weight = nn.Linear(d, d, bias=False)  # W1'
+        self.target_session_weight = nn.Linear(d, d, bias=False)  # W2'
+        self.target_bias = nn.Parameter(torch.zeros(d))  # b
+        self.target_score = nn.Linear(d, 1, bias=False)  # w0
+        for layer in (self.target_item_weight, self.target_session_weight, self.target_score):
+            nn.init.normal_(layer.weight, std=TARGET_ATTENTION_INIT_STD)
+        # (6) fusion
+        self.fusion = nn.Linear(2 * d, embedding_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.set_attention(attention)
+
+    def set_attention(self, name: str) -> None:
+        """Swap the normaliser of both attentions (same weights), e.g. for heat maps."""
+        self.normalise, self.uses_learned_alpha = attention_normaliser(name)
+        self.attention = name
+
+    @torch.no_grad()
+    def renormalise_item_embeddings(self, item_ids: torch.Tensor) -> None:
+        """What the max_norm lookup does to these rows; called on every rank with the
+        whole global batch so data-parallel replicas stay identical."""
+        ids = torch.unique(item_ids).to(self.item_embedding.weight.device)
+        torch.embedding_renorm_(self.item_embedding.weight, ids, ITEM_MAX_NORM, 2.0)
+
+    def forward(self, items: torch.Tensor, lengths: torch.Tensor, with_attention: bool = False):
+        """items (B, L) right-padded with 0, lengths (B,) -> scores (B, n_items) for ids 1..n_items."""
+        B, L = items.shape
+        steps = torch.arange(L, device=items.device)
+        is_item = steps[None, :] < lengths[:, None]  # (B, L)
+        positions = torch.where(is_item, steps[None, :] + 1, 0)
+
+        # (1) h_t = [item embedding; position embedding]; the target token sits at position L_s + 1
+        h_items = torch.cat([self.item_embedding(items), self.position_embedding(positions)], dim=-1)
+        h_target = torch.cat([self.item_embedding(torch.full_like(lengths, self.target_id)),
+                              self.position_embedding(lengths + 1)], dim=-1)  # (B, d)
+        H = torch.cat([h_items, h_target[:, None, :]], dim=1)  # (B, L + 1, d)
+        is_key = torch.cat([is_item, is_item.new_ones(B, 1)], dim=1)
+
+        # (2) alpha_1 = 1 + sigmoid(w_alpha . h_target + b_alpha), one per session
+        alpha_self = 1 + torch.sigmoid(self.alpha_layer(h_target))  # (B, 1)
+
+        # (3) A = alpha_1-entmax(Q H^T / sqrt(d)) H with Q = Dropout(ReLU(W_q H + b_q))
+        Q = self.dropout(torch.relu(self.query(H)))
+        scores = Q @ H.transpose(1, 2) / math.sqrt(self.d)
+        scores = scores.masked_fill(~is_key[:, None, :], float("-inf"))
+        self_weights = self.normalise(scores, alpha_self[:, :, None], -1)  # (B, L + 1, L + 1)
+        A = self_weights @ H
+        # O = LayerNorm(A + Dropout(W_2 ReLU(W_1 A)))
+        O = self.layer_norm(A + self.dropout(self.feed_forward_out(torch.relu(self.feed_forward_in(A)))))
+        x_hat, m_s = O[:, :L], O[:, L]
+
+        # (4) alpha_2 = 1 + sigmoid(w_alpha . m_s + b_alpha)
+        alpha_target = 1 + torch.sigmoid(self.alpha_layer(m_s))  # (B, 1)
+
+        # (5) e_t = w_0 . ReLU(x_hat_t W_1' + m_s W_2' + b); beta = alpha_2-entmax(e); c = sum_t beta_t h_t
+        e = self.target_score(torch.relu(
+            self.target_item_weight(x_hat) + self.target_session_weight(m_s)[:, None, :] + self.target_bias
+        )).squeeze(-1)
+        e = e.masked_fill(~is_item, float("-inf"))
+        beta = self.normalise(e, alpha_target, -1)  # (B, L)
+        c = (beta[:, :, None] * h_items).sum(dim=1)  # raw input tokens, not x_hat
+
+        # (6) s = Dropout(SELU(W_f [c; m_s]))
+        s = self.dropout(F.selu(self.fusion(torch.cat([c, m_s], dim=-1))))
+
+        # (7) y_hat = w_k cos(s, e_i) over the real items 1..n_items
+        item_table = self.item_embedding.weight[1:self.n_items + 1]
+        item_scores = self.wk * F.normalize(s, dim=-1) @ F.normalize(item_table, dim=-1).t()
+        if not with_attention:
+            return item_scores
+        attention = {"self_weights": self_weights, "target_weights": beta,
+                     "alpha_self": alpha_self.squeeze(-1), "alpha_target": alpha_target.squeeze(-1)}
+        return item_scores, attention
+
+    def loss(self, items, lengths, targets, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over the full catalogue; targets are item ids 1..n_items."""
+        return F.cross_entropy(self(items, lengths), targets - 1, reduction=reduction)
+
+    def model_args(self) -> dict:
+        return {"n_items": self.n_items, "max_session_length": self.max_session_length,
+                "embedding_dim": self.d // 2, "dropout": self.dropout.p, "wk": self.wk,
+                "attention": self.attention}

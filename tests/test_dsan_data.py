@@ -1,0 +1,170 @@
+import json
+
+import numpy as np
+import pytest
+
+from dsan_conftest_helpers import (RAW_DIGINETICA, RAW_RETAILROCKET_SESSIONS, RETAILROCKET, make_tiny_synthetic,
+                                   require)
+from dsan.data import (DataError, PrefixSamples, SessionData, batch_index_lists, prepare, read_diginetica,
+                       read_retailrocket, read_session_file)
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- loading real data
+
+
+def test_retailrocket_loader_yields_the_original_sample_counts():
+    data = SessionData.load(require(RETAILROCKET))
+    assert data.n_items == 36968
+    assert data.protocol.min_prefix == 2  # no stats.json: DSAN protocol
+    assert len(PrefixSamples(data.train_sessions, 2)) == 433_648
+    assert len(PrefixSamples(data.test_sessions, 2)) == 15_132
+
+
+def test_validation_is_the_latest_tenth_of_training_sessions():
+    data = SessionData.load(require(RETAILROCKET))
+    train, valid = data.split_validation(0.1)
+    assert len(valid) == round(len(data.train_sessions) * 0.1)
+    assert valid == data.train_sessions[-len(valid):]
+    assert len(train) + len(valid) == len(data.train_sessions)
+
+
+# ---------------------------------------------------------------- prefix samples and batches
+
+
+def test_prefix_expansion_dsan_and_srgnn():
+    sessions = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    dsan = PrefixSamples(sessions, min_prefix=2)
+    pairs = [(items[:n].tolist(), t) for items, n, t in zip(*[x.numpy() for x in dsan.batch(range(len(dsan)))])]
+    assert pairs == [([1, 2], 3), ([1, 2, 3], 4), ([7, 8], 9)]
+    srgnn = PrefixSamples(sessions, min_prefix=1)
+    assert len(srgnn) == 3 + 1 + 2
+
+
+def test_batch_is_padded_to_its_own_longest_prefix():
+    samples = PrefixSamples([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], min_prefix=2)
+    short = [i for i in range(len(samples)) if samples.prefix_length[i] == 2]
+    items, lengths, targets = samples.batch(short)
+    assert items.shape == (2, 2)
+    items, lengths, _ = samples.batch(range(len(samples)))
+    assert items.shape[1] == 7 == int(lengths.max())
+    assert (items[lengths < 7, -1] == 0).all()
+
+
+def test_length_bucketed_batches_cover_every_sample_once_and_reduce_padding():
+    rng = np.random.default_rng(0)
+    sessions = [list(range(1, int(n) + 1)) for n in rng.integers(3, 60, size=400)]
+    samples = PrefixSamples(sessions, 2)
+    plain = batch_index_lists(len(samples), 32, True, seed=3)
+    bucketed = batch_index_lists(len(samples), 32, True, seed=3, lengths=samples.prefix_length, bucket_pool=8)
+    assert sorted(np.concatenate(bucketed).tolist()) == list(range(len(samples)))
+    padded_cells = lambda batches: sum(len(b) * samples.prefix_length[b].max() for b in batches)  # noqa: E731
+    assert padded_cells(bucketed) < 0.7 * padded_cells(plain)
+    again = batch_index_lists(len(samples), 32, True, seed=3, lengths=samples.prefix_length, bucket_pool=8)
+    assert all((a == b).all() for a, b in zip(bucketed, again))
+
+
+def test_session_file_errors_name_file_and_line(tmp_path):
+    bad = write(tmp_path / "train.txt", "1 2 3\n4 x 5\n")
+    with pytest.raises(DataError, match=r"train.txt:2: not an integer"):
+        read_session_file(bad)
+    with pytest.raises(DataError, match=r"train.txt:2: empty line"):
+        read_session_file(write(tmp_path / "train.txt", "1 2 3\n\n4 5\n"))
+    with pytest.raises(DataError, match=r"train.txt:1: item ids must be >= 1"):
+        read_session_file(write(tmp_path / "train.txt", "0 2 3\n"))
+
+
+def test_missing_data_file_is_named(tmp_path):
+    write(tmp_path / "train.txt", "1 2 3\n")
+    with pytest.raises(DataError, match="test.txt: missing"):
+        SessionData.load(tmp_path)
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def test_prepare_diginetica_writes_contiguous_ids_and_stats(tmp_path):
+    stats = prepare("diginetica", tmp_path, raw=require(RAW_DIGINETICA))
+    train = read_session_file(tmp_path / "train.txt")
+    test = read_session_file(tmp_path / "test.txt")
+    ids = {i for s in train for i in s}
+    assert ids == set(range(1, stats["n_items"] + 1))
+    assert {i for s in test for i in s} <= ids
+    assert min(map(len, train)) >= 3 and min(map(len, test)) >= 3
+    on_disk = json.loads((tmp_path / "stats.json").read_text())
+    assert on_disk == stats and on_disk["protocol"] == "dsan"
+    assert on_disk["train"]["samples"] == len(PrefixSamples(train, 2))
+    assert on_disk["source"]["click_order"] == "eventdate, timeframe"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_diginetica_click_order_follows_timeframe_unless_unsorted(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n"
+                                         "1;NA;30;300;2016-01-01\n1;NA;10;100;2016-01-01\n1;NA;20;200;2016-01-01\n")
+    assert read_diginetica(raw)[0].items == [10, 20, 30]
+    assert read_diginetica(raw, unsorted=True)[0].items == [30, 10, 20]
+
+
+def test_prepare_srgnn_protocol_keeps_shorter_sessions(tmp_path):
+    dsan = prepare("diginetica", tmp_path / "dsan", raw=require(RAW_DIGINETICA), protocol="dsan")
+    srgnn = prepare("diginetica", tmp_path / "srgnn", raw=RAW_DIGINETICA, protocol="srgnn")
+    assert srgnn["train"]["sessions"] > dsan["train"]["sessions"]
+    data = SessionData.load(tmp_path / "srgnn")
+    assert data.protocol.min_prefix == 1
+    assert len(PrefixSamples(data.train_sessions, 1)) == srgnn["train"]["samples"]
+
+
+def test_prepare_retailrocket_events_csv_sessionizes_on_30_minute_gaps(tmp_path):
+    rows = ["timestamp,visitorid,event,itemid,transactionid"]
+    minute = 60_000
+    day0 = 1_433_000_000_000
+    # visitor 1: three views, a 31-minute gap, three views; an addtocart that must be ignored
+    for day in range(10):  # repeat over days so items pass the >= 5 filter and a test week exists
+        t = day0 + day * 86_400_000
+        rows += [f"{t},1,view,100,", f"{t + minute},1,view,101,", f"{t + 2 * minute},1,addtocart,999,",
+                 f"{t + 3 * minute},1,view,102,", f"{t + 34 * minute},1,view,103,",
+                 f"{t + 35 * minute},1,view,104,", f"{t + 36 * minute},1,view,100,"]
+    raw = write(tmp_path / "events.csv", "\n".join(rows) + "\n")
+    sessions = read_retailrocket(raw)
+    assert [s.items for s in sessions[:2]] == [[100, 101, 102], [103, 104, 100]]
+    stats = prepare("retailrocket", tmp_path / "out", raw=raw)
+    assert stats["train"]["sessions"] + stats["test"]["sessions"] == 20
+    assert 999 not in {i for s in read_session_file(tmp_path / "out" / "train.txt") for i in s}
+
+
+def test_prepare_accepts_the_sessionized_retailrocket_sample(tmp_path):
+    stats = prepare("retailrocket", tmp_path, raw=require(RAW_RETAILROCKET_SESSIONS))
+    assert stats["train"]["samples"] > 0 and stats["test"]["samples"] > 0
+
+
+def test_malformed_raw_rows_stop_with_file_and_line_and_write_nothing(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n"
+                                         "1;NA;10;100;2016-01-01\n1;NA;ten;100;2016-01-01\n")
+    with pytest.raises(DataError, match=r"views.csv:3: malformed row"):
+        prepare("diginetica", tmp_path / "out", raw=raw)
+    assert not (tmp_path / "out").exists()
+    wrong = write(tmp_path / "wrong.csv", "a;b;c\n1;2;3\n")
+    with pytest.raises(DataError, match=r"wrong.csv:1: wrong columns"):
+        prepare("diginetica", tmp_path / "out", raw=wrong)
+    events = write(tmp_path / "events.csv", "timestamp,visitorid,event,itemid,transactionid\n1,2,view\n")
+    with pytest.raises(DataError, match=r"events.csv:2: expected 5"):
+        prepare("retailrocket", tmp_path / "out", raw=events)
+
+
+def test_empty_result_after_filters_is_an_error(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n"
+                                         "1;NA;10;100;2016-01-01\n1;NA;11;200;2016-01-01\n")
+    with pytest.raises(DataError, match="views.csv: no session left"):
+        prepare("diginetica", tmp_path / "out", raw=raw)
+
+
+def test_synthetic_data_is_seeded(tmp_path):
+    make_tiny_synthetic(tmp_path / "a", seed=1)
+    make_tiny_synthetic(tmp_path / "b", seed=1)
+    make_tiny_synthetic(tmp_path / "c", seed=2)
+    text = lambda d: (d / "train.txt").read_text()  # noqa: E731
+    assert text(tmp_path / "a") == text(tmp_path / "b") != text(tmp_path / "c")

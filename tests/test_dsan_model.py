@@ -1,0 +1,129 @@
+import importlib.util
+
+import pytest
+import torch
+
+import dsan_conftest_helpers  # noqa: F401  (puts the checkout on sys.path)
+from dsan.model import DSAN, attention_normaliser
+
+N_ITEMS = 50
+
+
+def entmax_cuda_built() -> bool:
+    try:
+        import entmax_cuda  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+needs_fused = pytest.mark.skipif(not entmax_cuda_built(), reason="entmax_cuda extension not built")
+ATTENTIONS = ["softmax", "entmax-reference", "entmax:1.5",
+              pytest.param("adaptive-entmax", marks=needs_fused)]
+
+
+def make_model(attention="softmax", **kwargs):
+    torch.manual_seed(0)
+    return DSAN(N_ITEMS, max_session_length=20, embedding_dim=8, attention=attention, **kwargs).eval()
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_padding_in_a_batch_does_not_change_a_session_scores(attention):
+    model = make_model(attention)
+    sessions = [[3, 7, 7, 1], [5, 2], [9, 8, 4, 6, 2, 11, 12]]
+    width = max(map(len, sessions))
+    batch = torch.tensor([s + [0] * (width - len(s)) for s in sessions])
+    lengths = torch.tensor([len(s) for s in sessions])
+    with torch.no_grad():
+        together = model(batch, lengths)
+        for row, session in enumerate(sessions):
+            alone = model(torch.tensor([session]), torch.tensor([len(session)]))
+            torch.testing.assert_close(together[row], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_scores_cover_real_items_only_and_attention_is_normalised():
+    model = make_model("entmax-reference")
+    items, lengths = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), torch.tensor([3, 4])
+    with torch.no_grad():
+        scores, attention = model(items, lengths, with_attention=True)
+    assert scores.shape == (2, N_ITEMS)  # not N_ITEMS + 1: the target token is no candidate
+    assert scores.abs().max() <= model.wk + 1e-4  # w_k * cosine
+    torch.testing.assert_close(attention["self_weights"].sum(-1), torch.ones(2, 5))
+    torch.testing.assert_close(attention["target_weights"].sum(-1), torch.ones(2))
+    assert (attention["self_weights"][0, :, 3] == 0).all()  # padded key
+    assert attention["target_weights"][0, 3] == 0
+    assert ((attention["alpha_self"] > 1) & (attention["alpha_self"] < 2)).all()
+    assert ((attention["alpha_target"] > 1) & (attention["alpha_target"] < 2)).all()
+
+
+def test_alpha_near_two_gives_exact_zeros_where_softmax_does_not():
+    model = make_model("entmax-reference")
+    with torch.no_grad():
+        model.alpha_layer.bias.fill_(20.0)  # alpha -> 2 (sparsemax)
+        model.query.weight.mul_(30)  # peaked scores
+    items, lengths = torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([6])
+    with torch.no_grad():
+        _, sparse = model(items, lengths, with_attention=True)
+        model.set_attention("softmax")
+        _, dense = model(items, lengths, with_attention=True)
+    assert (sparse["self_weights"] == 0).sum() > 0
+    assert (dense["self_weights"] == 0).sum() == 0
+
+
+def test_padding_rows_of_embeddings_are_zero_and_item_norms_are_capped():
+    model = make_model()
+    assert model.item_embedding.weight[0].abs().sum() == 0
+    assert model.position_embedding.weight[0].abs().sum() == 0
+    with torch.no_grad():
+        model.item_embedding.weight[1:].mul_(10)
+        model(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
+    assert model.item_embedding.weight[1:4].norm(dim=1).max() <= 1.5 + 1e-4
+    assert model.item_embedding.weight[10].norm() > 1.5  # rows not looked up keep their norm
+
+
+def test_target_attention_initialisation():
+    model = DSAN(2000, 10, embedding_dim=100)
+    weight = model.target_item_weight.weight
+    assert abs(weight.std().item() - 0.05) < 0.005
+    assert model.target_bias.abs().sum() == 0
+
+
+def test_learned_alpha_gets_gradient_under_entmax_not_softmax():
+    for attention, expect_gradient in [("entmax-reference", True), ("softmax", False)]:
+        model = make_model(attention).train()
+        loss = model.loss(torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2]), torch.tensor([6, 7]))
+        loss.backward()
+        grad = model.alpha_layer.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == expect_gradient
+
+
+@needs_fused
+def test_fused_adaptive_entmax_matches_the_reference_model():
+    fused, reference = make_model("adaptive-entmax"), make_model("entmax-reference")
+    items, lengths = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 7, 8, 9]]), torch.tensor([4, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(items, lengths), reference(items, lengths), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("entmax") is None, reason="the `entmax` library is not installed")
+def test_entmax_bisect_library_option_matches_the_reference():
+    library, reference = make_model("entmax-bisect-lib"), make_model("entmax-reference")
+    items, lengths = torch.tensor([[1, 2, 3, 0], [5, 6, 7, 8]]), torch.tensor([3, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(library(items, lengths), reference(items, lengths), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_or_invalid_attention_is_rejected():
+    with pytest.raises(ValueError, match="unknown attention"):
+        attention_normaliser("sparsemax-ish")
+    with pytest.raises(ValueError, match=">= 1"):
+        attention_normaliser("entmax:0.5")
+
+
+def test_fixed_alpha_entmax_ignores_the_learned_alpha():
+    normalise, learned = attention_normaliser("entmax:2")
+    assert not learned
+    scores = torch.tensor([[3.0, 1.0, -1.0]])
+    weights = normalise(scores, torch.tensor([[1.0001]]), -1)  # sparsemax regardless of the alpha passed
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-5, rtol=0)

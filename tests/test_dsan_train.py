@@ -1,0 +1,145 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from dsan_conftest_helpers import TINY_TRAINING, make_tiny_synthetic, subprocess_env, tiny_config
+from dsan.checkpoint import load_checkpoint
+from dsan.cli import main
+from dsan.config import ConfigError, resolve
+from dsan.train import RunError, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_tiny_synthetic(tmp_path_factory.mktemp("dsan-data"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("dsan-run") / "run"
+    summary = train(tiny_config(data_dir, run, epochs=3), quiet=True)
+    return run, summary
+
+
+def epoch_records(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in records]
+
+
+def test_run_directory_holds_config_metrics_and_checkpoints(trained_run):
+    run, summary = trained_run
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "test_metrics.json", "train.log"):
+        assert (run / name).is_file(), name
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["batch_size"] == TINY_TRAINING["batch_size"] and config["dropout"] == 0.5  # a default
+    records = epoch_records(run)
+    assert [r["epoch"] for r in records[:-1]] == [1, 2, 3]
+    assert records[-1]["event"] == "test" and records[-1]["selected_epoch"] == summary["selected_epoch"]
+    best_epoch = max(records[:-1], key=lambda r: r["valid"]["hr@20"])["epoch"]
+    assert summary["selected_epoch"] == best_epoch
+    assert load_checkpoint(run / "best.pt")["epoch"] == best_epoch
+    assert records[0]["train_loss"] > records[-2]["train_loss"]  # it learns
+
+
+def test_dsan_beats_the_most_popular_baseline(trained_run, data_dir, capsys):
+    run, summary = trained_run
+    assert main(["evaluate", "--model", "pop", "--data", str(data_dir)]) == 0
+    pop = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["test"]["hr@20"] > pop["hr@20"] + 0.1
+
+
+def test_evaluate_command_reproduces_the_test_metrics_of_training(trained_run, capsys):
+    run, summary = trained_run
+    assert main(["evaluate", "--run", str(run), "--split", "test", "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name, value in summary["test"].items():
+        assert metrics[name] == pytest.approx(value, rel=1e-9), name
+
+
+def test_training_is_reproducible_and_resume_gives_the_same_result(data_dir, tmp_path):
+    straight = tmp_path / "straight"
+    train(tiny_config(data_dir, straight, epochs=2), quiet=True)
+    interrupted = tmp_path / "interrupted"
+    train(tiny_config(data_dir, interrupted, epochs=1), quiet=True)
+    with pytest.raises(RunError, match="--resume"):
+        tiny_config(data_dir, interrupted, epochs=2)
+    train(tiny_config(data_dir, interrupted, resume=True, epochs=2), quiet=True)
+    # the resumed run drops the first run's test record and ends with its own
+    assert epoch_records(straight) == epoch_records(interrupted)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_select_on_test_is_labelled_and_trains_on_all_sessions(data_dir, tmp_path):
+    summary = train(tiny_config(data_dir, tmp_path / "run", epochs=1, select_on_test=True), quiet=True)
+    assert "TEST set" in summary["selection"]
+    assert "valid" not in summary and summary["test"] is not None
+    assert "selection on the TEST set" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(data_dir, tmp_path):
+    summary = train(tiny_config(data_dir, tmp_path / "run", epochs=6, lr=1e-9, patience=1), quiet=True)
+    assert summary["stopped_early"] and summary["epochs_run"] == 2 and summary["selected_epoch"] == 1
+
+
+def test_config_precedence_defaults_file_command_line(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("lr: 0.003\ndropout: 0.3\n")
+    config = resolve(config_file, {"dropout": 0.0, "wk": None})
+    assert (config["lr"], config["dropout"], config["wk"], config["epochs"]) == (0.003, 0.0, 20.0, 50)
+    config_file.write_text("learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown option"):
+        resolve(config_file)
+
+
+def test_cli_reports_a_missing_data_folder(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope"), "--run", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "nope/train.txt: missing" in capsys.readouterr().err
+
+
+def test_two_cpu_processes_under_torchrun_match_single_process_evaluation(data_dir, tmp_path):
+    run = tmp_path / "ddp"
+    env = subprocess_env()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "dsan", "train", "--data", str(data_dir), "--run-dir", str(run), "--quiet"]
+    for name, value in dict(TINY_TRAINING, epochs=1, dropout=0).items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.loads((run / "test_metrics.json").read_text())
+    # the same checkpoint evaluated by one process
+    single_eval = subprocess.run([sys.executable, "-m", "dsan", "evaluate", "--run", str(run), "--device", "cpu"],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert single_eval.returncode == 0, single_eval.stderr[-3000:]
+    single = json.loads(single_eval.stdout.strip().splitlines()[-1])
+    assert single["samples"] == ddp["test"]["samples"]
+    for name, value in single.items():
+        assert ddp["test"][name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    # data-parallel training with the global batch split over ranks = one process (up to float sums)
+    reference = train(tiny_config(data_dir, tmp_path / "single", epochs=1, dropout=0.0), quiet=True)
+    ddp_loss = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    single_loss = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    assert ddp_loss == pytest.approx(single_loss, rel=1e-3)
+    assert ddp["valid"]["hr@20"] == pytest.approx(reference["valid"]["hr@20"], abs=0.02)
+
+
+def test_max_minutes_stops_between_epochs_and_still_tests(data_dir, tmp_path):
+    summary = train(tiny_config(data_dir, tmp_path / "run", epochs=5, max_minutes=1e-6), quiet=True)
+    assert summary["epochs_run"] == 1 and not summary["stopped_early"]
+    assert summary["test"]["samples"] > 0
+
+
+def test_a_slice_of_retailrocket_trains_with_the_paper_model(tmp_path):
+    from dsan_conftest_helpers import RETAILROCKET, require
+
+    config = tiny_config(require(RETAILROCKET), tmp_path / "run", epochs=1, embedding_dim=100, batch_size=512,
+                         eval_batch_size=512, lr=1e-3, max_train_batches=2, max_eval_batches=1,
+                         attention="entmax-reference")
+    summary = train(config, quiet=True)
+    assert summary["valid"]["samples"] == 512 and summary["test"]["samples"] == 512
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["model_args"]["n_items"] == 36968
