@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,14 @@ def _import_extension(name: str, info) -> None:
     try:
         importlib.import_module(name)
     except ImportError as exc:
+        package_dir = Path(__file__).resolve().parent
+        if (package_dir.parent / "setup.py").is_file() and not any(package_dir.glob("_C.*")):
+            raise ImportError(
+                f"entmax_cuda was imported from the source tree at {package_dir.parent}, which holds no built "
+                "kernels (python puts the current directory first on sys.path). Run from another directory "
+                "(or `python -P`) to use the installed package, or build in place with "
+                "`pip install --no-build-isolation -e .`."
+            ) from exc
         raise ImportError(
             f"entmax_cuda's compiled kernels ({name}) could not be loaded ({exc}). They were built against "
             f"torch {info.TORCH_VERSION}; this is torch {torch.__version__}. " + _REBUILD
