@@ -4,7 +4,9 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -96,9 +98,33 @@ inline void check_rows_tensor(const Tensor& x, const Tensor& a, int64_t dim, con
   ENTMAX_CHECK(a.device().type() == x.device().type() && a.get_device_index() == x.get_device_index(), "entmax: ", what, " is on another device than x");
 }
 
+// Internal arithmetic: float for float/half/bfloat16, double for double.
+template <typename scalar_t> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
+// Calls f(scalar_t{}) for x's floating dtype.
+template <typename F>
+void dispatch_float_types(ScalarType t, const F& f) {
+  switch (t) {
+    case ScalarType::Float: f(float{}); break;
+    case ScalarType::Double: f(double{}); break;
+    case ScalarType::Half: f(torch::headeronly::Half{}); break;
+    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
+    default: ENTMAX_CHECK(false, "entmax: unsupported dtype");
+  }
+}
+
 inline void check_input(const Tensor& x, const char* what) {
   ENTMAX_CHECK(is_supported_float(x.scalar_type()), "entmax: ", what,
                   " must be float16, bfloat16, float32 or float64");
+}
+
+// The backward op's arguments: grad and output alike, alpha per row.
+inline void check_backward_args(const Tensor& dy, const Tensor& y, const Tensor& alpha, int64_t dim) {
+  check_input(y, "y");
+  ENTMAX_CHECK(dy.scalar_type() == y.scalar_type(), "entmax_backward: grad and output dtypes differ");
+  ENTMAX_CHECK(dy.sizes().equals(y.sizes()), "entmax_backward: grad and output shapes differ");
+  check_rows_tensor(y, alpha, dim, "alpha");
 }
 
 }  // namespace

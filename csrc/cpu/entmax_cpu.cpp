@@ -5,8 +5,6 @@
 #include "vector_math.h"
 
 #include <torch/csrc/stable/library.h>
-#include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <tuple>
@@ -17,9 +15,6 @@ namespace entmax_cuda {
 namespace {
 
 using namespace entmax_cuda::math;
-
-template <typename scalar_t> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
 // The float32 hot loops, vectorised: compiled for AVX-512, AVX2 and baseline
 // x86-64, the CPU picks at load time (GCC function multi-versioning).
@@ -300,17 +295,6 @@ void backward_cpu_typed(const Tensor& dy, const Tensor& y, const Tensor& alpha, 
   });
 }
 
-template <typename F>
-void dispatch_float_types(ScalarType t, const F& f) {
-  switch (t) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Double: f(double{}); break;
-    case ScalarType::Half: f(torch::headeronly::Half{}); break;
-    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
-    default: ENTMAX_CHECK(false, "entmax: unsupported dtype");
-  }
-}
-
 Tensor entmax_forward_cpu(const Tensor& x_in, const Tensor& alpha_in, int64_t dim) {
   check_input(x_in, "x");
   ENTMAX_CHECK(x_in.is_cpu(), "entmax_forward_cpu: x must be a CPU tensor");
@@ -329,12 +313,9 @@ Tensor entmax_forward_cpu(const Tensor& x_in, const Tensor& alpha_in, int64_t di
 
 std::tuple<Tensor, Tensor> entmax_backward_cpu(const Tensor& dy_in, const Tensor& y_in,
                                                const Tensor& alpha_in, int64_t dim) {
-  check_input(y_in, "y");
   ENTMAX_CHECK(y_in.is_cpu() && dy_in.is_cpu(), "entmax_backward_cpu: tensors must be on the CPU");
-  ENTMAX_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "entmax_backward: grad and output dtypes differ");
-  ENTMAX_CHECK(dy_in.sizes().equals(y_in.sizes()), "entmax_backward: grad and output shapes differ");
   dim = wrap_dim(dim, y_in.dim());
-  check_rows_tensor(y_in, alpha_in, dim, "alpha");
+  check_backward_args(dy_in, y_in, alpha_in, dim);
   const Tensor dy = torch::stable::contiguous(dy_in);
   const Tensor y = torch::stable::contiguous(y_in);
   const Tensor alpha = torch::stable::contiguous(alpha_in);

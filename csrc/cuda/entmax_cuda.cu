@@ -11,8 +11,6 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
-#include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Half.h>
 
 #include <cuda_runtime.h>
 #include <cub/block/block_reduce.cuh>
@@ -31,9 +29,6 @@ constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kBlockThreads = 512;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename scalar_t> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
 template <typename T>
 struct Pair {
@@ -514,17 +509,6 @@ void launch_backward(const Tensor& dy, const Tensor& y, const Tensor& alpha, Ten
   check_launch("entmax backward");
 }
 
-template <typename F>
-void dispatch_float_types(ScalarType t, const F& f) {
-  switch (t) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Double: f(double{}); break;
-    case ScalarType::Half: f(torch::headeronly::Half{}); break;
-    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
-    default: ENTMAX_CHECK(false, "entmax: unsupported dtype");
-  }
-}
-
 // The kernels work on rows that are contiguous in memory. When dim is not the
 // innermost axis, move it there (adjacent transposes keep the other axes in
 // order, so row r still pairs with alpha's flat entry r) and move it back after.
@@ -561,12 +545,9 @@ Tensor entmax_forward_cuda(const Tensor& x_in, const Tensor& alpha_in, int64_t d
 
 std::tuple<Tensor, Tensor> entmax_backward_cuda(const Tensor& dy_in, const Tensor& y_in, const Tensor& alpha_in,
                                                 int64_t dim) {
-  check_input(y_in, "y");
   ENTMAX_CHECK(y_in.is_cuda() && dy_in.is_cuda(), "entmax_backward_cuda: tensors must be CUDA tensors");
-  ENTMAX_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "entmax_backward: grad and output dtypes differ");
-  ENTMAX_CHECK(dy_in.sizes().equals(y_in.sizes()), "entmax_backward: grad and output shapes differ");
   dim = wrap_dim(dim, y_in.dim());
-  check_rows_tensor(y_in, alpha_in, dim, "alpha");
+  check_backward_args(dy_in, y_in, alpha_in, dim);
   const torch::stable::accelerator::DeviceGuard guard(y_in.get_device_index());
   const RowLayout l = row_layout(y_in, dim);
   const bool move = l.inner > 1;
