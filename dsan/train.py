@@ -100,6 +100,18 @@ def _append_metrics(path: Path, record: dict) -> None:
 
 
 def train(config: dict, resume: bool = False, quiet: bool = False, evaluate_test: bool = True) -> dict:
+    """Trains (and tests) one run; under torchrun every process calls it."""
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        return _train(config, resume, quiet, evaluate_test)
+    finally:
+        # A process that exits with its gloo/nccl group alive can abort in the group's
+        # threads ("terminate called without an active exception"): close it first.
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict:
     """Trains per `config` (see config.DEFAULTS); returns a summary with the selected epoch
     and its validation (and, if evaluate_test, test) metrics."""
     rank, world, device = setup_distributed(config["device"])

@@ -39,9 +39,8 @@ double exp_shifted_f32(const float* x, float* p, int64_t n, float m) {
 
 // The candidates at threshold t (entry_at_t of entmax_math.h, vectorised):
 // p_j, and the sums F = sum p, -F' = sum p / z.
-ENTMAX_CPU_CLONES
-void evaluate_f32(const float* u, float* p, int64_t c, float t, float eps, float inv_eps, double* F,
-                  double* minus_dF) {
+__attribute__((always_inline)) inline void evaluate_f32(const float* u, float* p, int64_t c, float t, float eps,
+                                                       float inv_eps, double* F, double* minus_dF) {
   double sp = 0, sdz = 0;
 #pragma omp simd reduction(+ : sp, sdz)
   for (int64_t j = 0; j < c; ++j) {
@@ -101,6 +100,25 @@ bool backward_sums_f32(const float* p, const float* dy, float* g_out, int64_t n,
 // exactly 0): short rows then need no scalar remainder loop.
 constexpr int64_t kPad = 16;
 inline int64_t padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
+// The whole root finding of one float row over its candidates u[0, c) (padded
+// to whole vectors with -inf), in one multi-versioned function so that the
+// vector loop is inlined into the iteration. Leaves p at the last evaluated
+// threshold; returns 1 / F there.
+ENTMAX_CPU_CLONES
+float solve_candidates_f32(const float* u, float* p, int64_t c, float eps) {
+  const float inv_eps = 1.0f / eps;
+  RootFinder<float> rf(threshold_upper_bound(eps, static_cast<float>(c)), eps);
+  float inv_F = 0;
+  for (int it = 0;; ++it) {
+    double sum_p = 0, sum_p_over_z = 0;  // double sums: the row's rounding stays < 1 ulp
+    evaluate_f32(u, p, padded(c), rf.t, eps, inv_eps, &sum_p, &sum_p_over_z);
+    inv_F = static_cast<float>(1.0 / sum_p);
+    if (rf.update(static_cast<float>(sum_p), static_cast<float>(-sum_p_over_z)) || it + 1 >= kMaxRootIterations)
+      break;
+  }
+  return inv_F;
+}
 
 // Scratch space of one thread, reused across its rows.
 template <typename acc_t>
@@ -173,23 +191,22 @@ void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_
   }
 
   for (int64_t j = c; j < padded(c); ++j) s.u[j] = neg_inf<acc_t>();
-  RootFinder<acc_t> rf(threshold_upper_bound(eps, static_cast<acc_t>(c)), eps);
-  acc_t F = 0, inv_F = 0;
-  for (int it = 0;; ++it) {
-    double sum_p = 0, sum_p_over_z = 0;  // double sums: the row's rounding stays < 1 ulp
-    if constexpr (std::is_same<acc_t, float>::value) {
-      evaluate_f32(s.u.data(), s.p.data(), padded(c), rf.t, eps, inv_eps, &sum_p, &sum_p_over_z);
-    } else {
+  acc_t inv_F = 0;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    inv_F = solve_candidates_f32(s.u.data(), s.p.data(), c, eps);
+  } else {
+    RootFinder<acc_t> rf(threshold_upper_bound(eps, static_cast<acc_t>(c)), eps);
+    for (int it = 0;; ++it) {
+      acc_t sum_p = 0, sum_p_over_z = 0;
       for (int64_t j = 0; j < c; ++j) {
         const EntryAtT<acc_t> e = entry_at_t(s.u[j], rf.t, eps, inv_eps);
         s.p[j] = e.p;
         sum_p += e.p;
         sum_p_over_z += e.p_over_z;
       }
+      inv_F = acc_t(1) / sum_p;
+      if (rf.update(sum_p, -sum_p_over_z) || it + 1 >= kMaxRootIterations) break;
     }
-    F = static_cast<acc_t>(sum_p);
-    inv_F = static_cast<acc_t>(1.0 / sum_p);
-    if (rf.update(F, static_cast<acc_t>(-sum_p_over_z)) || it + 1 >= kMaxRootIterations) break;
   }
 
   if (stride == 1) {
