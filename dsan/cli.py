@@ -209,7 +209,9 @@ def default_attention() -> str:
         import entmax_cuda  # noqa: F401
 
         return "adaptive-entmax"
-    except Exception:  # not built, or built for another torch: the reference computes the same
+    except Exception as e:  # not built, or built for another torch: the reference computes the same
+        print(f"note: entmax_cuda is not usable ({type(e).__name__}: {e}); the demo uses the pure-PyTorch "
+              "reference (--attention entmax-reference)", file=sys.stderr)
         return "entmax-reference"
 
 
