@@ -114,7 +114,6 @@ def extensions():
 
 setup(
     packages=find_packages(include=["entmax_cuda", "entmax_cuda.*", "dsan", "dsan.*"]),
-    package_data={"dsan": ["configs/*.yaml"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
