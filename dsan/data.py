@@ -147,6 +147,22 @@ def _check_header(path, header, expected, sep_name):
         raise DataError(f"{path}:1: wrong columns {header!r}, expected {expected!r}")
 
 
+def _raw_rows(path, expected, delimiter, fields_name):
+    """(line number, row) of a delimited file with the header `expected`; blank lines
+    skipped, rows with the wrong number of fields stop with the file and line."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        _check_header(path, next(reader, None), expected, delimiter)
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(expected):
+                raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
+                                f"got {len(row)}: {row!r}")
+            yield line, row
+
+
 def read_diginetica(path, unsorted: bool = False) -> list[RawSession]:
     """CIKM Cup 2016 train-item-views.csv: session_id;user_id;item_id;timeframe;eventdate.
 
@@ -155,21 +171,13 @@ def read_diginetica(path, unsorted: bool = False) -> list[RawSession]:
     """
     expected = ["session_id", "user_id", "item_id", "timeframe", "eventdate"]
     clicks: dict = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter=";")
-        _check_header(path, next(reader, None), expected, ";")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 5:
-                raise DataError(f"{path}:{line}: expected 5 ';'-separated fields, got {len(row)}: {row!r}")
-            try:
-                session, item, timeframe = int(row[0]), int(row[2]), int(row[3])
-                day = dt.datetime.strptime(row[4], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
-            except ValueError as e:
-                raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
-            clicks.setdefault(session, []).append((day, timeframe, len(clicks.get(session, ())), item))
+    for line, row in _raw_rows(path, expected, ";", "';'-separated"):
+        try:
+            session, item, timeframe = int(row[0]), int(row[2]), int(row[3])
+            day = dt.datetime.strptime(row[4], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+        clicks.setdefault(session, []).append((day, timeframe, len(clicks.get(session, ())), item))
     sessions = []
     for session, rows in clicks.items():
         if not unsorted:
@@ -192,23 +200,15 @@ def read_retailrocket(path) -> list[RawSession]:
         return _read_retailrocket_sessions_tsv(path)
     expected = ["timestamp", "visitorid", "event", "itemid", "transactionid"]
     views = []
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        _check_header(path, next(reader, None), expected, ",")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 5:
-                raise DataError(f"{path}:{line}: expected 5 ','-separated fields, got {len(row)}: {row!r}")
-            if row[2] not in ("view", "addtocart", "transaction"):
-                raise DataError(f"{path}:{line}: unknown event {row[2]!r}")
-            if row[2] != "view":
-                continue
-            try:
-                views.append((int(row[1]), int(row[0]) / 1000.0, int(row[3])))
-            except ValueError as e:
-                raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+    for line, row in _raw_rows(path, expected, ",", "','-separated"):
+        if row[2] not in ("view", "addtocart", "transaction"):
+            raise DataError(f"{path}:{line}: unknown event {row[2]!r}")
+        if row[2] != "view":
+            continue
+        try:
+            views.append((int(row[1]), int(row[0]) / 1000.0, int(row[3])))
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
     if not views:
         raise DataError(f"{path}: no view events")
     views.sort(key=lambda v: (v[0], v[1]))
@@ -226,20 +226,12 @@ def read_retailrocket(path) -> list[RawSession]:
 def _read_retailrocket_sessions_tsv(path) -> list[RawSession]:
     expected = ["timestamp", "user_id", "item_id", "session_id"]
     clicks: dict = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        _check_header(path, next(reader, None), expected, "\t")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 4:
-                raise DataError(f"{path}:{line}: expected 4 tab-separated fields, got {len(row)}: {row!r}")
-            try:
-                time, item, session = float(row[0]), int(row[2]), int(row[3])
-            except ValueError as e:
-                raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
-            clicks.setdefault(session, []).append((time, item))
+    for line, row in _raw_rows(path, expected, "\t", "tab-separated"):
+        try:
+            time, item, session = float(row[0]), int(row[2]), int(row[3])
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+        clicks.setdefault(session, []).append((time, item))
     if not clicks:
         raise DataError(f"{path}: no click rows after the header")
     sessions = []
