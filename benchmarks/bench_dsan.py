@@ -103,7 +103,7 @@ def load_samples(args, log):
 
 def train_step(model, optimizer, batch, device):
     items, lengths, targets = batch
-    model.renormalise_item_embeddings(items)
+    model.renormalise_embeddings(items, lengths)
     items = items.to(device, non_blocking=True)
     lengths = lengths.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)

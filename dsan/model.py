@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_CHOICES = ("adaptive-entmax", "entmax-reference", "softmax", "entmax:ALPHA", "entmax-bisect-lib")
-ITEM_MAX_NORM = 1.5
+EMBEDDING_MAX_NORM = 1.5  # both tables, as in the original notebooks
 TARGET_ATTENTION_INIT_STD = 0.05
 
 
@@ -95,12 +95,17 @@ class DSAN(nn.Module):
         d = 2 * embedding_dim
         self.d = d
         # (1) inputs: item (0 = padding, n_items + 1 = target) and position (0 = padding) tables
-        self.item_embedding = nn.Embedding(n_items + 2, embedding_dim, padding_idx=0, max_norm=ITEM_MAX_NORM)
-        self.position_embedding = nn.Embedding(max_session_length + 2, embedding_dim, padding_idx=0)
+        # rows are renormalised to norm <= 1.5 when looked up (max_norm), in both tables: with N(0, 1)
+        # rows of norm ~10, an uncapped position table would dominate every 200-d token
+        self.item_embedding = nn.Embedding(n_items + 2, embedding_dim, padding_idx=0,
+                                           max_norm=EMBEDDING_MAX_NORM)
+        self.position_embedding = nn.Embedding(max_session_length + 2, embedding_dim, padding_idx=0,
+                                               max_norm=EMBEDDING_MAX_NORM)
         # (2), (4) one linear layer gives both alphas
         self.alpha_layer = nn.Linear(d, 1)
         # (3) self-attention: query projection only; feed-forward block
         self.query = nn.Linear(d, d)
+        nn.init.zeros_(self.query.bias)
         self.feed_forward_in = nn.Linear(d, d)
         self.feed_forward_out = nn.Linear(d, d)
         self.layer_norm = nn.LayerNorm(d)
@@ -122,11 +127,17 @@ class DSAN(nn.Module):
         self.attention = name
 
     @torch.no_grad()
-    def renormalise_item_embeddings(self, item_ids: torch.Tensor) -> None:
-        """What the max_norm lookup does to these rows; called on every rank with the
-        whole global batch so data-parallel replicas stay identical."""
-        ids = torch.unique(item_ids).to(self.item_embedding.weight.device)
-        torch.embedding_renorm_(self.item_embedding.weight, ids, ITEM_MAX_NORM, 2.0)
+    def renormalise_embeddings(self, items: torch.Tensor, lengths: torch.Tensor) -> None:
+        """What the max_norm lookups of a forward pass over (items, lengths) do to both tables;
+        called on every rank with the whole global batch so data-parallel replicas stay identical."""
+        weight = self.item_embedding.weight
+        item_ids = torch.cat([torch.unique(items).to(weight.device),
+                              torch.tensor([self.target_id], device=weight.device)])
+        torch.embedding_renorm_(weight, item_ids, EMBEDDING_MAX_NORM, 2.0)
+        # a session of length L looks up positions 1..L + 1, so the batch looks up 1..max(L) + 1
+        weight = self.position_embedding.weight
+        position_ids = torch.arange(1, int(lengths.max()) + 2, device=weight.device)
+        torch.embedding_renorm_(weight, position_ids, EMBEDDING_MAX_NORM, 2.0)
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor, with_attention: bool = False):
         """items (B, L) right-padded with 0, lengths (B,) -> scores (B, n_items) for ids 1..n_items."""

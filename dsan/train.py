@@ -193,8 +193,8 @@ def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
         for step, indices in enumerate(batches, 1):
-            global_items, _, _ = train_samples.batch(indices)
-            model.renormalise_item_embeddings(global_items)
+            global_items, global_lengths, _ = train_samples.batch(indices)
+            model.renormalise_embeddings(global_items, global_lengths)
             items, lengths, targets = train_samples.batch(np.array_split(indices, world)[rank])
             items, lengths, targets = items.to(device), lengths.to(device), targets.to(device)
             # sum / global batch size, times world because DDP averages the ranks' gradients

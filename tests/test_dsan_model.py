@@ -71,15 +71,19 @@ def test_alpha_near_two_gives_exact_zeros_where_softmax_does_not():
     assert (dense["self_weights"] == 0).sum() == 0
 
 
-def test_padding_rows_of_embeddings_are_zero_and_item_norms_are_capped():
+def test_padding_rows_of_embeddings_are_zero_and_item_and_position_norms_are_capped():
     model = make_model()
     assert model.item_embedding.weight[0].abs().sum() == 0
     assert model.position_embedding.weight[0].abs().sum() == 0
     with torch.no_grad():
         model.item_embedding.weight[1:].mul_(10)
+        model.position_embedding.weight[1:].mul_(10)
         model(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
     assert model.item_embedding.weight[1:4].norm(dim=1).max() <= 1.5 + 1e-4
+    assert model.item_embedding.weight[model.target_id].norm() <= 1.5 + 1e-4
+    assert model.position_embedding.weight[1:5].norm(dim=1).max() <= 1.5 + 1e-4  # 3 items + the target slot
     assert model.item_embedding.weight[10].norm() > 1.5  # rows not looked up keep their norm
+    assert model.position_embedding.weight[5].norm() > 1.5
 
 
 def test_target_attention_initialisation():
