@@ -31,8 +31,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help=f"(default {d['seed']})")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto: CUDA when available)")
     parser.add_argument("--valid-fraction", type=float,
-                        help="latest fraction of training sessions held out for validation "
-                             f"(default {d['valid_fraction']})")
+                        help="latest fraction of training sessions held out for validation; 0 = no selection: "
+                             f"train on all sessions for --epochs epochs and test the last (default {d['valid_fraction']})")
+    parser.add_argument("--refit", action="store_const", const=True,
+                        help="after validation selects epoch E (early stopping as usual), retrain from scratch on "
+                             "all training sessions for E epochs and test only that model (in RUN/refit)")
     parser.add_argument("--bucket-pool", type=int,
                         help=f"sort each pool of N shuffled batches by length (less padding); 0 = plain random "
                              f"batches (default {d['bucket_pool']})")
@@ -176,6 +179,8 @@ def evaluate_command(args) -> dict:
     else:
         if config.get("select_on_test"):
             raise SystemExit(f"{args.run} was trained with --select-on-test: it has no validation split")
+        if not config.get("valid_fraction"):
+            raise SystemExit(f"{args.run} was trained with --valid-fraction 0: it has no validation split")
         sessions = data.split_validation(config["valid_fraction"])[1]
     return evaluate_model(model, PrefixSamples(sessions, data.protocol.min_prefix), args.batch_size, device)
 

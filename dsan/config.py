@@ -26,6 +26,7 @@ DEFAULTS = {
     "bucket_pool": 64,  # batches per length-sorting pool; 0 = plain random batches
     "selection_metric": "hr@20",
     "select_on_test": False,
+    "refit": False,  # after validation picks epoch E: retrain on all training sessions for E epochs, test that
     "threads": None,
     "max_minutes": None,  # stop after the epoch that would overrun this wall-clock budget, then test
     "max_train_batches": None,  # debugging / timing slices only
@@ -84,8 +85,9 @@ def validate(config: dict) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if not config["select_on_test"] and config["valid_fraction"] == 0:
-        raise ConfigError("valid_fraction 0 leaves nothing to select on; use --select-on-test explicitly")
+    if config["refit"] and (config["select_on_test"] or config["valid_fraction"] == 0):
+        raise ConfigError("refit retrains for the epoch count picked on validation: it needs valid_fraction > 0 "
+                          "and no select_on_test")
 
 
 def save_config(config: dict, run_dir) -> None:

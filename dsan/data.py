@@ -370,10 +370,10 @@ class PrefixSamples:
     def __init__(self, sessions, min_prefix: int):
         lengths = np.fromiter((len(s) for s in sessions), dtype=np.int64, count=len(sessions))
         self.items = np.fromiter((i for s in sessions for i in s), dtype=np.int64, count=int(lengths.sum()))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        starts = np.cumsum(lengths) - lengths
         per_session = np.maximum(lengths - min_prefix, 0)
         self.sample_start = np.repeat(starts, per_session)
-        offsets = np.concatenate([[0], np.cumsum(per_session)[:-1]]).astype(np.int64)
+        offsets = np.cumsum(per_session) - per_session
         within = np.arange(int(per_session.sum()), dtype=np.int64) - np.repeat(offsets, per_session)
         self.prefix_length = within + min_prefix
 

@@ -84,6 +84,17 @@ def attention_normaliser(name: str):
 # ---------------------------------------------------------------- the model
 
 
+@torch.no_grad()
+def _cap_row_norms(weight: torch.Tensor, ids: torch.Tensor, max_norm: float) -> None:
+    """weight[ids] rows with norm above max_norm are scaled to max_norm. Rows within a
+    relative 1e-6 of it are left alone, so capping twice changes nothing (torch's
+    embedding_renorm_ may rescale a just-capped row by an ulp)."""
+    rows = weight.index_select(0, ids)
+    norms = rows.norm(dim=1, keepdim=True)
+    over = norms > max_norm * (1 + 1e-6)
+    weight.index_copy_(0, ids, torch.where(over, rows * (max_norm / norms), rows))
+
+
 class DSAN(nn.Module):
     def __init__(self, n_items: int, max_session_length: int, embedding_dim: int = 100,
                  dropout: float = 0.5, wk: float = 20.0, attention: str = "adaptive-entmax"):
@@ -97,10 +108,9 @@ class DSAN(nn.Module):
         # (1) inputs: item (0 = padding, n_items + 1 = target) and position (0 = padding) tables
         # rows are renormalised to norm <= 1.5 when looked up (max_norm), in both tables: with N(0, 1)
         # rows of norm ~10, an uncapped position table would dominate every 200-d token
-        self.item_embedding = nn.Embedding(n_items + 2, embedding_dim, padding_idx=0,
-                                           max_norm=EMBEDDING_MAX_NORM)
-        self.position_embedding = nn.Embedding(max_session_length + 2, embedding_dim, padding_idx=0,
-                                               max_norm=EMBEDDING_MAX_NORM)
+        # (renormalise_embeddings, called by forward, plays nn.Embedding's max_norm)
+        self.item_embedding = nn.Embedding(n_items + 2, embedding_dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_session_length + 2, embedding_dim, padding_idx=0)
         # (2), (4) one linear layer gives both alphas
         self.alpha_layer = nn.Linear(d, 1)
         # (3) self-attention: query projection only; feed-forward block
@@ -128,28 +138,41 @@ class DSAN(nn.Module):
 
     @torch.no_grad()
     def renormalise_embeddings(self, items: torch.Tensor, lengths: torch.Tensor) -> None:
-        """What the max_norm lookups of a forward pass over (items, lengths) do to both tables;
-        called on every rank with the whole global batch so data-parallel replicas stay identical."""
+        """Caps at norm 1.5 the rows of both tables that a forward pass over (items, lengths)
+        looks up, as nn.Embedding(max_norm=1.5) does at lookup. Idempotent (a capped row is
+        left exactly as it is), so data-parallel ranks can apply it to the whole global batch
+        before their forward passes apply it to their shares, and stay identical."""
         weight = self.item_embedding.weight
         item_ids = torch.cat([torch.unique(items).to(weight.device),
                               torch.tensor([self.target_id], device=weight.device)])
-        torch.embedding_renorm_(weight, item_ids, EMBEDDING_MAX_NORM, 2.0)
+        _cap_row_norms(weight, item_ids, EMBEDDING_MAX_NORM)
         # a session of length L looks up positions 1..L + 1, so the batch looks up 1..max(L) + 1
         weight = self.position_embedding.weight
-        position_ids = torch.arange(1, int(lengths.max()) + 2, device=weight.device)
-        torch.embedding_renorm_(weight, position_ids, EMBEDDING_MAX_NORM, 2.0)
+        _cap_row_norms(weight, torch.arange(1, int(lengths.max()) + 2, device=weight.device), EMBEDDING_MAX_NORM)
+
+    def _lookup(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """Training: the rows were capped in place. Evaluation: the same capped values, computed
+        without writing to the weights, so evaluating never changes what training does next."""
+        rows = table(ids)
+        if self.training:
+            return rows
+        norms = rows.norm(dim=-1, keepdim=True)
+        return torch.where(norms > EMBEDDING_MAX_NORM * (1 + 1e-6), rows * (EMBEDDING_MAX_NORM / norms), rows)
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor, with_attention: bool = False):
         """items (B, L) right-padded with 0, lengths (B,) -> scores (B, n_items) for ids 1..n_items."""
         B, L = items.shape
+        if self.training:
+            self.renormalise_embeddings(items, lengths)  # in place, like the original's max_norm lookups
+        embed = self._lookup
         steps = torch.arange(L, device=items.device)
         is_item = steps[None, :] < lengths[:, None]  # (B, L)
         positions = torch.where(is_item, steps[None, :] + 1, 0)
 
         # (1) h_t = [item embedding; position embedding]; the target token sits at position L_s + 1
-        h_items = torch.cat([self.item_embedding(items), self.position_embedding(positions)], dim=-1)
-        h_target = torch.cat([self.item_embedding(torch.full_like(lengths, self.target_id)),
-                              self.position_embedding(lengths + 1)], dim=-1)  # (B, d)
+        h_items = torch.cat([embed(self.item_embedding, items), embed(self.position_embedding, positions)], dim=-1)
+        h_target = torch.cat([embed(self.item_embedding, torch.full_like(lengths, self.target_id)),
+                              embed(self.position_embedding, lengths + 1)], dim=-1)  # (B, d)
         H = torch.cat([h_items, h_target[:, None, :]], dim=1)  # (B, L + 1, d)
         is_key = torch.cat([is_item, is_item.new_ones(B, 1)], dim=1)
 

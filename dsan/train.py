@@ -100,15 +100,47 @@ def _append_metrics(path: Path, record: dict) -> None:
 
 
 def train(config: dict, resume: bool = False, quiet: bool = False, evaluate_test: bool = True) -> dict:
-    """Trains (and tests) one run; under torchrun every process calls it."""
+    """Trains (and tests) one run; under torchrun every process calls it.
+
+    With config["refit"]: the run selects epoch E on validation as usual (without looking at
+    the test set), then RUN/refit trains from scratch on all training sessions for E epochs
+    and only that model is tested."""
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
-        return _train(config, resume, quiet, evaluate_test)
+        if not config.get("refit"):
+            return _train(config, resume, quiet, evaluate_test)
+        return _train_with_refit(config, resume, quiet, evaluate_test)
     finally:
         # A process that exits with its gloo/nccl group alive can abort in the group's
         # threads ("terminate called without an active exception"): close it first.
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train_with_refit(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict:
+    selection = _train(config, resume, quiet, evaluate_test=False)
+    log = TrainingLog(Path(config["run"]), int(os.environ.get("RANK", "0")) == 0, quiet)
+    finished = selection["stopped_early"] or selection["epochs_run"] >= config["epochs"]
+    if not finished:
+        log("refit not started: the selection phase stopped early on --max-minutes (--resume continues it)")
+        return selection
+    refit_dir = Path(config["run"]) / "refit"
+    refit_config = dict(config, run=str(refit_dir), refit=False, valid_fraction=0.0,
+                        epochs=selection["selected_epoch"])
+    log(f"refit: epoch {selection['selected_epoch']} was selected on validation; training from scratch on all "
+        f"training sessions for {selection['selected_epoch']} epochs in {refit_dir}")
+    refit_resume = resume and (refit_dir / "last.pt").exists()
+    if refit_dir.exists() and not refit_resume and int(os.environ.get("RANK", "0")) == 0:
+        for name in ("metrics.jsonl", "test_metrics.json", "train.log", "best.pt"):
+            (refit_dir / name).unlink(missing_ok=True)
+    refit = _train(refit_config, refit_resume, quiet, evaluate_test)
+    summary = dict(refit, selection=f"epoch count selected on validation {config['selection_metric']}, "
+                                    "then retrained on all training sessions",
+                   valid=selection["valid"], selection_epochs_run=selection["epochs_run"],
+                   selection_stopped_early=selection["stopped_early"])
+    if evaluate_test and int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_text(Path(config["run"]) / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict:
@@ -128,16 +160,20 @@ def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict
 
     data = SessionData.load(config["data"])
     min_prefix = data.protocol.min_prefix
+    selecting = config["select_on_test"] or config["valid_fraction"] > 0
     if config["select_on_test"]:
         # the original protocol: all training sessions train, the epoch is picked on the test set
         train_sessions, selection_sessions, selection_split = data.train_sessions, data.test_sessions, "test"
-    else:
+    elif selecting:
         train_sessions, selection_sessions = data.split_validation(config["valid_fraction"])
         selection_split = "valid"
+    else:
+        # no selection: all training sessions, exactly --epochs epochs, the last one is the result
+        train_sessions, selection_sessions, selection_split = data.train_sessions, [], None
     train_samples = PrefixSamples(train_sessions, min_prefix)
     selection_samples = PrefixSamples(selection_sessions, min_prefix)
     test_samples = PrefixSamples(data.test_sessions, min_prefix)
-    if len(train_samples) == 0 or len(selection_samples) == 0:
+    if len(train_samples) == 0 or (selecting and len(selection_samples) == 0):
         raise RunError(f"{config['data']}: {len(train_samples)} training and {len(selection_samples)} "
                        f"{selection_split} samples; both must be > 0")
 
@@ -163,11 +199,16 @@ def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not model.uses_learned_alpha)
-    selection_label = ("selection on the TEST set (original protocol: optimistic, not a clean estimate)"
-                       if config["select_on_test"] else f"selection on validation {config['selection_metric']}")
+    if config["select_on_test"]:
+        selection_label = "selection on the TEST set (original protocol: optimistic, not a clean estimate)"
+    elif selecting:
+        selection_label = f"selection on validation {config['selection_metric']}"
+    else:
+        selection_label = f"no selection: the last of {config['epochs']} epochs on all training sessions"
     if state["epoch"] == 0:
-        log(f"dsan train: {len(train_samples)} training samples, {len(selection_samples)} {selection_split} "
-            f"samples, {data.n_items} items, attention {config['attention']}, device {device}, "
+        log(f"dsan train: {len(train_samples)} training samples, "
+            + (f"{len(selection_samples)} {selection_split} samples, " if selecting else "")
+            + f"{data.n_items} items, attention {config['attention']}, device {device}, "
             f"{world} process(es); {selection_label}")
 
     progress_enabled = is_main and not quiet and sys.stderr.isatty()
@@ -193,8 +234,9 @@ def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
         for step, indices in enumerate(batches, 1):
-            global_items, global_lengths, _ = train_samples.batch(indices)
-            model.renormalise_embeddings(global_items, global_lengths)
+            if world > 1:  # every rank caps the rows of the whole batch: replicas stay identical
+                global_items, global_lengths, _ = train_samples.batch(indices)
+                model.renormalise_embeddings(global_items, global_lengths)
             items, lengths, targets = train_samples.batch(np.array_split(indices, world)[rank])
             items, lengths, targets = items.to(device), lengths.to(device), targets.to(device)
             # sum / global batch size, times world because DDP averages the ranks' gradients
@@ -227,13 +269,15 @@ def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict
         train_loss = loss_sum.item() / max(sample_count, 1)
 
         started = time.time()
-        selection_metrics = evaluate_model(model, selection_samples, config["eval_batch_size"], device,
-                                           config["max_eval_batches"])
+        selection_metrics = None
+        if selecting:
+            selection_metrics = evaluate_model(model, selection_samples, config["eval_batch_size"], device,
+                                               config["max_eval_batches"])
         eval_time = time.time() - started
-        improved = selection_metrics[metric] > state["best_metric"]
+        improved = not selecting or selection_metrics[metric] > state["best_metric"]
         if improved:
-            state.update(best_epoch=epoch, best_metric=selection_metrics[metric], best_metrics=selection_metrics,
-                         epochs_without_improvement=0)
+            state.update(best_epoch=epoch, best_metric=selection_metrics[metric] if selecting else -math.inf,
+                         best_metrics=selection_metrics, epochs_without_improvement=0)
         else:
             state["epochs_without_improvement"] += 1
         state["epoch"] = epoch
@@ -243,17 +287,20 @@ def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict
             if improved:
                 save_checkpoint({"model": model.state_dict(), "model_args": model_args, "epoch": epoch,
                                  "metrics": selection_metrics, "selection_split": selection_split}, run_dir / "best.pt")
-            _append_metrics(metrics_path, {
-                "epoch": epoch, "train_loss": train_loss, "train_time_s": train_time,
-                "train_samples_per_s": sample_count / max(train_time, 1e-9), "eval_time_s": eval_time,
-                selection_split: selection_metrics, "best": improved})
+            record = {"epoch": epoch, "train_loss": train_loss, "train_time_s": train_time,
+                      "train_samples_per_s": sample_count / max(train_time, 1e-9), "eval_time_s": eval_time,
+                      "best": improved}
+            if selecting:
+                record[selection_split] = selection_metrics
+            _append_metrics(metrics_path, record)
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "model_args": model_args, "state": state}, run_dir / "last.pt")
         if world > 1:
             dist.barrier()
         log(f"epoch {epoch} train [time {train_time:.1f}s, {sample_count / max(train_time, 1e-9):.0f} samples/s, "
-            f"loss {train_loss:.4f}] {selection_split} [time {eval_time:.1f}s, {format_metrics(selection_metrics)}]"
-            + (" *" if improved else ""))
+            f"loss {train_loss:.4f}]"
+            + (f" {selection_split} [time {eval_time:.1f}s, {format_metrics(selection_metrics)}]"
+               + (" *" if improved else "") if selecting else ""))
         if state["stopped_early"]:
             log(f"early stopping: no {selection_split} {metric} improvement for {config['patience']} epochs")
         elif config["max_minutes"] and epoch < config["epochs"]:
@@ -264,8 +311,9 @@ def _train(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict
                 break
 
     summary = {"selected_epoch": state["best_epoch"], "selection": selection_label,
-               selection_split: state["best_metrics"], "epochs_run": state["epoch"],
-               "stopped_early": state["stopped_early"]}
+               "epochs_run": state["epoch"], "stopped_early": state["stopped_early"]}
+    if selecting:
+        summary[selection_split] = state["best_metrics"]
     if evaluate_test:
         best = load_checkpoint(run_dir / "best.pt", map_location=device)
         model.load_state_dict(best["model"])

@@ -71,19 +71,54 @@ def test_alpha_near_two_gives_exact_zeros_where_softmax_does_not():
     assert (dense["self_weights"] == 0).sum() == 0
 
 
-def test_padding_rows_of_embeddings_are_zero_and_item_and_position_norms_are_capped():
+def enlarged_model():
+    """A model whose embedding rows (but not the padding rows) are far above the 1.5 cap."""
     model = make_model()
-    assert model.item_embedding.weight[0].abs().sum() == 0
-    assert model.position_embedding.weight[0].abs().sum() == 0
     with torch.no_grad():
         model.item_embedding.weight[1:].mul_(10)
         model.position_embedding.weight[1:].mul_(10)
-        model(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
+    return model
+
+
+def test_padding_rows_of_embeddings_are_zero_and_training_caps_item_and_position_norms():
+    model = make_model()
+    assert model.item_embedding.weight[0].abs().sum() == 0
+    assert model.position_embedding.weight[0].abs().sum() == 0
+    model = enlarged_model().train()
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
     assert model.item_embedding.weight[1:4].norm(dim=1).max() <= 1.5 + 1e-4
     assert model.item_embedding.weight[model.target_id].norm() <= 1.5 + 1e-4
     assert model.position_embedding.weight[1:5].norm(dim=1).max() <= 1.5 + 1e-4  # 3 items + the target slot
     assert model.item_embedding.weight[10].norm() > 1.5  # rows not looked up keep their norm
     assert model.position_embedding.weight[5].norm() > 1.5
+    assert model.item_embedding.weight[0].abs().sum() == 0
+
+
+def test_evaluation_uses_capped_rows_without_writing_them():
+    items, lengths = torch.tensor([[4, 2, 7, 0], [3, 9, 8, 5]]), torch.tensor([3, 4])
+    model = enlarged_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        scores = model(items, lengths)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    model.renormalise_embeddings(items, lengths)  # what a training step would have written
+    with torch.no_grad():
+        assert torch.allclose(model(items, lengths), scores, atol=1e-6)
+
+
+def test_global_batch_renormalisation_matches_what_the_forward_lookups_do():
+    """Data-parallel ranks call renormalise_embeddings on the whole batch; it must touch
+    exactly the rows a training forward pass over that batch looks up, and be idempotent."""
+    items, lengths = torch.tensor([[4, 2, 7, 0], [3, 9, 8, 5]]), torch.tensor([3, 4])
+    by_forward, by_call = enlarged_model().train(), enlarged_model()
+    by_forward(items, lengths)
+    by_call.renormalise_embeddings(items, lengths)
+    for name in ("item_embedding.weight", "position_embedding.weight"):
+        assert torch.equal(by_forward.state_dict()[name], by_call.state_dict()[name]), name
+    before = {name: tensor.clone() for name, tensor in by_call.state_dict().items()}
+    by_call.renormalise_embeddings(items, lengths)  # again: a no-op, to the bit
+    by_call.train()(items[1:], lengths[1:])
+    assert all(torch.equal(before[name], tensor) for name, tensor in by_call.state_dict().items())
 
 
 def test_target_attention_initialisation():

@@ -143,3 +143,49 @@ def test_a_slice_of_retailrocket_trains_with_the_paper_model(tmp_path):
     summary = train(config, quiet=True)
     assert summary["valid"]["samples"] == 512 and summary["test"]["samples"] == 512
     assert load_checkpoint(tmp_path / "run" / "best.pt")["model_args"]["n_items"] == 36968
+
+
+def model_tensors(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_valid_fraction_zero_trains_exactly_the_epochs_on_all_sessions_and_tests_the_last(data_dir, tmp_path):
+    summary = train(tiny_config(data_dir, tmp_path / "all", epochs=2, valid_fraction=0.0), quiet=True)
+    assert summary["selected_epoch"] == 2 and summary["epochs_run"] == 2 and "valid" not in summary
+    assert "no selection" in summary["selection"]
+    records = epoch_records(tmp_path / "all")
+    assert [r.get("epoch") for r in records] == [1, 2, None] and "valid" not in records[0]
+    # the same training trajectory as the original protocol's run, which sees the test set every epoch
+    train(tiny_config(data_dir, tmp_path / "on-test", epochs=2, select_on_test=True, patience=5), quiet=True)
+    on_test = epoch_records(tmp_path / "on-test")
+    assert summary["test"] == on_test[1]["test"]
+    a, b = model_tensors(tmp_path / "all" / "last.pt"), model_tensors(tmp_path / "on-test" / "last.pt")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_refit_retrains_on_all_sessions_for_the_epoch_count_selected_on_validation(data_dir, tmp_path):
+    run = tmp_path / "refit-run"
+    summary = train(tiny_config(data_dir, run, epochs=3, refit=True), quiet=True)
+    selection = epoch_records(run)
+    assert all("test" not in r for r in selection)  # the selection phase never looks at the test set
+    best = max(selection, key=lambda r: r["valid"]["hr@20"])["epoch"]
+    assert summary["selected_epoch"] == best and summary["valid"]["hr@20"] == selection[best - 1]["valid"]["hr@20"]
+    assert "retrained on all training sessions" in summary["selection"]
+    refit_records = epoch_records(run / "refit")
+    assert [r.get("epoch") for r in refit_records] == list(range(1, best + 1)) + [None]
+    assert json.loads((run / "test_metrics.json").read_text())["test"] == summary["test"]
+    # what --refit reports is exactly a fresh all-sessions run of that many epochs
+    direct = train(tiny_config(data_dir, tmp_path / "direct", epochs=best, valid_fraction=0.0), quiet=True)
+    assert direct["test"] == summary["test"]
+
+
+def test_refit_needs_a_validation_split(tmp_path):
+    for bad in ({"select_on_test": True}, {"valid_fraction": 0.0}):
+        with pytest.raises(ConfigError, match="refit"):
+            resolve(overrides=dict(refit=True, **bad))
+
+
+def test_evaluate_refuses_the_validation_split_of_a_run_without_one(data_dir, tmp_path):
+    train(tiny_config(data_dir, tmp_path / "all", epochs=1, valid_fraction=0.0), quiet=True)
+    with pytest.raises(SystemExit, match="valid-fraction 0"):
+        main(["evaluate", "--run", str(tmp_path / "all"), "--split", "valid", "--device", "cpu"])
