@@ -103,7 +103,6 @@ def load_samples(args, log):
 
 def train_step(model, optimizer, batch, device):
     items, lengths, targets = batch
-    model.renormalise_embeddings(items, lengths)
     items = items.to(device, non_blocking=True)
     lengths = lengths.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
