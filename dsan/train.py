@@ -122,7 +122,7 @@ def _train_with_refit(config: dict, resume: bool, quiet: bool, evaluate_test: bo
     log = TrainingLog(Path(config["run"]), int(os.environ.get("RANK", "0")) == 0, quiet)
     finished = selection["stopped_early"] or selection["epochs_run"] >= config["epochs"]
     if not finished:
-        log("refit not started: the selection phase stopped early on --max-minutes (--resume continues it)")
+        log("refit not started: the selection phase hit --max-minutes before early stopping (--resume continues it)")
         return selection
     refit_dir = Path(config["run"]) / "refit"
     refit_config = dict(config, run=str(refit_dir), refit=False, valid_fraction=0.0,

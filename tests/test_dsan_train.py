@@ -189,3 +189,13 @@ def test_evaluate_refuses_the_validation_split_of_a_run_without_one(data_dir, tm
     train(tiny_config(data_dir, tmp_path / "all", epochs=1, valid_fraction=0.0), quiet=True)
     with pytest.raises(SystemExit, match="valid-fraction 0"):
         main(["evaluate", "--run", str(tmp_path / "all"), "--split", "valid", "--device", "cpu"])
+
+
+def test_refit_waits_for_a_selection_phase_cut_short_by_the_budget_and_resume_finishes_it(data_dir, tmp_path):
+    run = tmp_path / "budget"
+    cut = train(tiny_config(data_dir, run, epochs=3, refit=True, max_minutes=1e-6), quiet=True)
+    assert cut["epochs_run"] == 1 and not (run / "refit").exists()
+    assert "refit not started" in (run / "train.log").read_text()
+    resumed = train(tiny_config(data_dir, run, resume=True, epochs=3, max_minutes=1000), resume=True, quiet=True)
+    straight = train(tiny_config(data_dir, tmp_path / "straight", epochs=3, refit=True), quiet=True)
+    assert resumed["selected_epoch"] == straight["selected_epoch"] and resumed["test"] == straight["test"]
