@@ -84,15 +84,18 @@ def attention_normaliser(name: str):
 # ---------------------------------------------------------------- the model
 
 
+def _capped(rows: torch.Tensor) -> torch.Tensor:
+    """rows (..., dim) with norm above EMBEDDING_MAX_NORM scaled to it. Rows within a relative
+    1e-6 of it are left alone, so capping twice changes nothing (torch's embedding_renorm_
+    may rescale a just-capped row by an ulp)."""
+    norms = rows.norm(dim=-1, keepdim=True)
+    return torch.where(norms > EMBEDDING_MAX_NORM * (1 + 1e-6), rows * (EMBEDDING_MAX_NORM / norms), rows)
+
+
 @torch.no_grad()
-def _cap_row_norms(weight: torch.Tensor, ids: torch.Tensor, max_norm: float) -> None:
-    """weight[ids] rows with norm above max_norm are scaled to max_norm. Rows within a
-    relative 1e-6 of it are left alone, so capping twice changes nothing (torch's
-    embedding_renorm_ may rescale a just-capped row by an ulp)."""
-    rows = weight.index_select(0, ids)
-    norms = rows.norm(dim=1, keepdim=True)
-    over = norms > max_norm * (1 + 1e-6)
-    weight.index_copy_(0, ids, torch.where(over, rows * (max_norm / norms), rows))
+def _cap_row_norms(weight: torch.Tensor, ids: torch.Tensor) -> None:
+    """Caps the rows weight[ids] in place."""
+    weight.index_copy_(0, ids, _capped(weight.index_select(0, ids)))
 
 
 class DSAN(nn.Module):
@@ -145,19 +148,16 @@ class DSAN(nn.Module):
         weight = self.item_embedding.weight
         item_ids = torch.cat([torch.unique(items).to(weight.device),
                               torch.tensor([self.target_id], device=weight.device)])
-        _cap_row_norms(weight, item_ids, EMBEDDING_MAX_NORM)
+        _cap_row_norms(weight, item_ids)
         # a session of length L looks up positions 1..L + 1, so the batch looks up 1..max(L) + 1
         weight = self.position_embedding.weight
-        _cap_row_norms(weight, torch.arange(1, int(lengths.max()) + 2, device=weight.device), EMBEDDING_MAX_NORM)
+        _cap_row_norms(weight, torch.arange(1, int(lengths.max()) + 2, device=weight.device))
 
     def _lookup(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         """Training: the rows were capped in place. Evaluation: the same capped values, computed
         without writing to the weights, so evaluating never changes what training does next."""
         rows = table(ids)
-        if self.training:
-            return rows
-        norms = rows.norm(dim=-1, keepdim=True)
-        return torch.where(norms > EMBEDDING_MAX_NORM * (1 + 1e-6), rows * (EMBEDDING_MAX_NORM / norms), rows)
+        return rows if self.training else _capped(rows)
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor, with_attention: bool = False):
         """items (B, L) right-padded with 0, lengths (B,) -> scores (B, n_items) for ids 1..n_items."""

@@ -119,7 +119,8 @@ def train(config: dict, resume: bool = False, quiet: bool = False, evaluate_test
 
 def _train_with_refit(config: dict, resume: bool, quiet: bool, evaluate_test: bool) -> dict:
     selection = _train(config, resume, quiet, evaluate_test=False)
-    log = TrainingLog(Path(config["run"]), int(os.environ.get("RANK", "0")) == 0, quiet)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    log = TrainingLog(Path(config["run"]), is_main, quiet)
     finished = selection["stopped_early"] or selection["epochs_run"] >= config["epochs"]
     if not finished:
         log("refit not started: the selection phase hit --max-minutes before early stopping (--resume continues it)")
@@ -130,7 +131,7 @@ def _train_with_refit(config: dict, resume: bool, quiet: bool, evaluate_test: bo
     log(f"refit: epoch {selection['selected_epoch']} was selected on validation; training from scratch on all "
         f"training sessions for {selection['selected_epoch']} epochs in {refit_dir}")
     refit_resume = resume and (refit_dir / "last.pt").exists()
-    if refit_dir.exists() and not refit_resume and int(os.environ.get("RANK", "0")) == 0:
+    if refit_dir.exists() and not refit_resume and is_main:
         for name in ("metrics.jsonl", "test_metrics.json", "train.log", "best.pt"):
             (refit_dir / name).unlink(missing_ok=True)
     refit = _train(refit_config, refit_resume, quiet, evaluate_test)
@@ -138,7 +139,7 @@ def _train_with_refit(config: dict, resume: bool, quiet: bool, evaluate_test: bo
                                     "then retrained on all training sessions",
                    valid=selection["valid"], selection_epochs_run=selection["epochs_run"],
                    selection_stopped_early=selection["stopped_early"])
-    if evaluate_test and int(os.environ.get("RANK", "0")) == 0:
+    if evaluate_test and is_main:
         atomic_write_text(Path(config["run"]) / "test_metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
