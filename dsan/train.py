@@ -7,6 +7,7 @@ per epoch, then one for the test), train.log, best.pt (the selected checkpoint),
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -60,6 +61,11 @@ def setup_distributed(device_option: str):
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        # torch._dynamo, first imported by the optimizer or DDP, keeps references to a process
+        # group that exists when it is imported (torch 2.14): destroy_process_group then cannot
+        # free the gloo group, whose worker threads outlive it and can abort the interpreter at
+        # exit ("terminate called without an active exception"). Imported first, it holds none.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,15 +103,35 @@ def test_cli_reports_a_missing_data_folder(tmp_path, capsys):
     assert "nope/train.txt: missing" in capsys.readouterr().err
 
 
+# `dsan train` under torchrun, then each rank lists its threads: the gloo group's worker
+# threads must be gone before the interpreter shuts down (a worker still holding a collective's
+# tensors then aborts the process: "terminate called without an active exception").
+TRAIN_THEN_LIST_THREADS = """
+import os, sys
+from pathlib import Path
+from dsan.cli import main
+code = main(sys.argv[1:])
+names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+Path(f"threads.{os.environ['RANK']}").write_text("\\n".join(names))
+sys.exit(code)
+"""
+
+
 def test_two_cpu_processes_under_torchrun_match_single_process_evaluation(data_dir, tmp_path):
     run = tmp_path / "ddp"
     env = subprocess_env()
+    script = tmp_path / "train_then_list_threads.py"
+    script.write_text(TRAIN_THEN_LIST_THREADS)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dsan", "train", "--data", str(data_dir), "--run-dir", str(run), "--quiet"]
+               str(script), "train", "--data", str(data_dir), "--run-dir", str(run), "--quiet"]
     for name, value in dict(TINY_TRAINING, epochs=1, dropout=0).items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    if Path("/proc/self/task").is_dir():
+        for rank in (0, 1):
+            threads = (tmp_path / f"threads.{rank}").read_text().split()
+            assert not [name for name in threads if "gloo" in name], (rank, threads)
     ddp = json.loads((run / "test_metrics.json").read_text())
     # the same checkpoint evaluated by one process
     single_eval = subprocess.run([sys.executable, "-m", "dsan", "evaluate", "--run", str(run), "--device", "cpu"],
