@@ -111,8 +111,9 @@ import os, sys
 from pathlib import Path
 from dsan.cli import main
 code = main(sys.argv[1:])
-names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
-Path(f"threads.{os.environ['RANK']}").write_text("\\n".join(names))
+if Path("/proc/self/task").is_dir():  # Linux names its threads there
+    names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    Path(f"threads.{os.environ['RANK']}").write_text("\\n".join(names))
 sys.exit(code)
 """
 
