@@ -159,6 +159,15 @@ struct BackwardSums {
   }
 };
 
+// The same sums in double (partial sums of float terms are flushed into these).
+template <typename T>
+ENTMAX_HD BackwardSums<double> widen(const BackwardSums<T>& s) {
+  BackwardSums<double> w;
+  w.g = s.g; w.g_dy = s.g_dy; w.p_l = s.p_l; w.p_v = s.p_v;
+  w.p_v_l = s.p_v_l; w.g_w = s.g_w; w.g_r = s.g_r; w.dy_g_rwl = s.dy_g_rwl;
+  return w;
+}
+
 // (exp(x) - 1 - x) / (x^2 / 2) = 1 + x/3 + x^2/12 + ... ; 9 terms: truncation 2 x^9 / 11!
 // (6e-8 relative at |x| = 1, 5e-17 at 0.1).
 template <typename T>

@@ -239,6 +239,23 @@ struct BackwardScratch {
   explicit BackwardScratch(int64_t n) : p(padded(n), acc_t(0)), dy(padded(n), acc_t(0)), g(padded(n)) {}
 };
 
+// The sums of a float row entry by entry (alpha = 1 exactly, or a row holding a NaN,
+// which then propagates): float terms, float partial sums over kSumChunk entries flushed
+// into double, as in the vector loop. (Summed in float alone, a row of 50k entries at
+// alpha = 1 lost 4e-5 of its alpha-gradient.)
+BackwardSums<double> backward_sums_scalar_f32(const float* p, const float* dy, float* g, int64_t n, float eps) {
+  BackwardSums<double> total;
+  total.zero();
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    BackwardSums<float> part;
+    part.zero();
+    for (int64_t k = k0; k < k1; ++k) g[k] = accumulate_backward_entry(p[k], dy[k], eps, part);
+    total = total + widen(part);
+  }
+  return total;
+}
+
 template <typename scalar_t, typename acc_t>
 acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int64_t stride,
                    acc_t alpha, BackwardScratch<acc_t>& b) {
@@ -247,23 +264,27 @@ acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t 
     b.p[k] = static_cast<acc_t>(y[k * stride]);
     b.dy[k] = static_cast<acc_t>(dy[k * stride]);
   }
-  BackwardSums<acc_t> sums;
-  bool done = false;
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (eps > 0.0f && eps < 1e30f) {
-      double t[8];
-      done = backward_sums_f32(b.p.data(), b.dy.data(), b.g.data(), padded(n), eps, t);
-      sums.g = float(t[0]); sums.g_dy = float(t[1]); sums.p_l = float(t[2]); sums.p_v = float(t[3]);
-      sums.p_v_l = float(t[4]); sums.g_w = float(t[5]); sums.g_r = float(t[6]); sums.dy_g_rwl = float(t[7]);
+    // float rows: sums, q and the alpha-gradient in double (as the CUDA long-row kernel)
+    BackwardSums<double> s;
+    double t[8];
+    if (eps > 0.0f && eps < 1e30f && backward_sums_f32(b.p.data(), b.dy.data(), b.g.data(), padded(n), eps, t)) {
+      s.g = t[0]; s.g_dy = t[1]; s.p_l = t[2]; s.p_v = t[3];
+      s.p_v_l = t[4]; s.g_w = t[5]; s.g_r = t[6]; s.dy_g_rwl = t[7];
+    } else {
+      s = backward_sums_scalar_f32(b.p.data(), b.dy.data(), b.g.data(), n, eps);
     }
-  }
-  if (!done) {
+    const float q = static_cast<float>(backward_q(s.g, s.g_dy));
+    for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
+    return static_cast<float>(alpha_gradient(s, static_cast<double>(eps)));
+  } else {
+    BackwardSums<acc_t> sums;
     sums.zero();
     for (int64_t k = 0; k < n; ++k) b.g[k] = accumulate_backward_entry(b.p[k], b.dy[k], eps, sums);
+    const acc_t q = backward_q(sums.g, sums.g_dy);
+    for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
+    return alpha_gradient(sums, eps);
   }
-  const acc_t q = backward_q(sums.g, sums.g_dy);
-  for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
-  return alpha_gradient(sums, eps);
 }
 
 // Rows per parallel_for task: about 16k elements each.

@@ -390,14 +390,6 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
   }
 }
 
-template <typename T>
-__device__ __forceinline__ BackwardSums<double> widen(const BackwardSums<T>& s) {
-  BackwardSums<double> w;
-  w.g = s.g; w.g_dy = s.g_dy; w.p_l = s.p_l; w.p_v = s.p_v;
-  w.p_v_l = s.p_v_l; w.g_w = s.g_w; w.g_r = s.g_r; w.dy_g_rwl = s.dy_g_rwl;
-  return w;
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_block_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
