@@ -3,7 +3,8 @@
 #   scripts/gpu_check.sh OUTDIR
 # builds entmax_cuda (no network: --no-build-isolation --no-deps), runs the CUDA
 # tests, then a short benchmark; every step's log lands in OUTDIR. Budget: < 8 min.
-# Optional: WHEELS=dir of extra pure-Python wheels (e.g. the entmax library) to put on PYTHONPATH.
+# Optional: WHEELS=dir of extra pure-Python wheels (e.g. the entmax library) to put on PYTHONPATH;
+# BENCH=0 skips the benchmark (e.g. while other GPU work runs, which would distort its timings).
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/gpu_check.sh OUTDIR}")
 mkdir -p "$OUT"
@@ -44,5 +45,7 @@ step build 300 env ENTMAX_CUDA=1 $PY -m pip install -v --no-build-isolation --no
 step info 60 $PY -P -m entmax_cuda.info
 step tests-cuda 180 $PY -P -m pytest -q -m cuda -p no:cacheprovider tests \
   --junitxml="$OUT/tests-cuda.xml"
-step bench-entmax 180 $PY benchmarks/bench_entmax.py --device cuda --quick --out "$OUT"
+if [ "${BENCH:-1}" != 0 ]; then
+  step bench-entmax 180 $PY benchmarks/bench_entmax.py --device cuda --quick --out "$OUT"
+fi
 cat "$OUT/summary.txt"
