@@ -72,8 +72,8 @@ __attribute__((always_inline)) inline void evaluate_f32(const float* u, float* p
 // vectorised; eps > 0). Writes g; returns false if the row holds a NaN (the
 // caller then takes the scalar path, which propagates it).
 ENTMAX_CPU_CLONES
-bool backward_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, float eps, double* out) {
-  for (int i = 0; i < 8; ++i) out[i] = 0;
+bool backward_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, float eps, BackwardSums<double>& out) {
+  out.zero();
   int nan = 0;
   const float inv_eps = 1.0f / eps, inv_eps2 = inv_eps * inv_eps;
   const float series_limit = Tolerance<float>::series_limit;
@@ -105,8 +105,8 @@ bool backward_sums_f32(const float* p, const float* dy, float* g_out, int64_t n,
       s_g_r += g * r;
       s_dy_g_rwl += d * g * (r - w * l);
     }
-    out[0] += s_g; out[1] += s_g_dy; out[2] += s_p_l; out[3] += s_p_v;
-    out[4] += s_p_v_l; out[5] += s_g_w; out[6] += s_g_r; out[7] += s_dy_g_rwl;
+    out.g += s_g; out.g_dy += s_g_dy; out.p_l += s_p_l; out.p_v += s_p_v;
+    out.p_v_l += s_p_v_l; out.g_w += s_g_w; out.g_r += s_g_r; out.dy_g_rwl += s_dy_g_rwl;
   }
   return nan == 0;
 }
@@ -264,27 +264,19 @@ acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t 
     b.p[k] = static_cast<acc_t>(y[k * stride]);
     b.dy[k] = static_cast<acc_t>(dy[k * stride]);
   }
+  // The sums, q and the alpha-gradient in double for every row (float rows: float terms,
+  // as the CUDA long-row kernel).
+  BackwardSums<double> s;
   if constexpr (std::is_same<acc_t, float>::value) {
-    // float rows: sums, q and the alpha-gradient in double (as the CUDA long-row kernel)
-    BackwardSums<double> s;
-    double t[8];
-    if (eps > 0.0f && eps < 1e30f && backward_sums_f32(b.p.data(), b.dy.data(), b.g.data(), padded(n), eps, t)) {
-      s.g = t[0]; s.g_dy = t[1]; s.p_l = t[2]; s.p_v = t[3];
-      s.p_v_l = t[4]; s.g_w = t[5]; s.g_r = t[6]; s.dy_g_rwl = t[7];
-    } else {
+    if (!(eps > 0.0f && eps < 1e30f && backward_sums_f32(b.p.data(), b.dy.data(), b.g.data(), padded(n), eps, s)))
       s = backward_sums_scalar_f32(b.p.data(), b.dy.data(), b.g.data(), n, eps);
-    }
-    const float q = static_cast<float>(backward_q(s.g, s.g_dy));
-    for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
-    return static_cast<float>(alpha_gradient(s, static_cast<double>(eps)));
   } else {
-    BackwardSums<acc_t> sums;
-    sums.zero();
-    for (int64_t k = 0; k < n; ++k) b.g[k] = accumulate_backward_entry(b.p[k], b.dy[k], eps, sums);
-    const acc_t q = backward_q(sums.g, sums.g_dy);
-    for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
-    return alpha_gradient(sums, eps);
+    s.zero();
+    for (int64_t k = 0; k < n; ++k) b.g[k] = accumulate_backward_entry(b.p[k], b.dy[k], eps, s);
   }
+  const acc_t q = static_cast<acc_t>(backward_q(s.g, s.g_dy));
+  for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
+  return static_cast<acc_t>(alpha_gradient(s, static_cast<double>(eps)));
 }
 
 // Rows per parallel_for task: about 16k elements each.
