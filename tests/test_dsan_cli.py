@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from dsan_conftest_helpers import RETAILROCKET, require, subprocess_env
+from testing import RETAILROCKET, require, subprocess_env
 from dsan.cli import main
 
 

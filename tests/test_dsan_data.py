@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from dsan_conftest_helpers import (RAW_DIGINETICA, RAW_RETAILROCKET_SESSIONS, RETAILROCKET, make_tiny_synthetic,
+from testing import (RAW_DIGINETICA, RAW_RETAILROCKET_SESSIONS, RETAILROCKET, make_tiny_synthetic,
                                    require)
 from dsan.data import (DataError, PrefixSamples, SessionData, batch_index_lists, prepare, read_diginetica,
                        read_retailrocket, read_session_file)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-import dsan_conftest_helpers  # noqa: F401  (puts the checkout on sys.path)
+import testing  # noqa: F401  (puts the checkout on sys.path)
 from dsan.data import PrefixSamples
 from dsan.evaluate import CUTOFFS, evaluate_popularity, evaluate_scores, target_ranks
 

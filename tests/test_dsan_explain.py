@@ -1,6 +1,6 @@
 import pytest
 
-from dsan_conftest_helpers import make_tiny_synthetic, tiny_config
+from testing import make_tiny_synthetic, tiny_config
 from dsan.cli import main
 from dsan.explain import explain
 from dsan.train import train

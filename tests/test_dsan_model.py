@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-import dsan_conftest_helpers  # noqa: F401  (puts the checkout on sys.path)
+import testing  # noqa: F401  (puts the checkout on sys.path)
 from dsan.model import DSAN, attention_normaliser
 
 N_ITEMS = 50

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from dsan_conftest_helpers import TINY_TRAINING, make_tiny_synthetic, subprocess_env, tiny_config
+from testing import TINY_TRAINING, make_tiny_synthetic, subprocess_env, tiny_config
 from dsan.checkpoint import load_checkpoint
 from dsan.cli import main
 from dsan.config import ConfigError, resolve
@@ -157,7 +157,7 @@ def test_max_minutes_stops_between_epochs_and_still_tests(data_dir, tmp_path):
 
 
 def test_a_slice_of_retailrocket_trains_with_the_paper_model(tmp_path):
-    from dsan_conftest_helpers import RETAILROCKET, require
+    from testing import RETAILROCKET, require
 
     config = tiny_config(require(RETAILROCKET), tmp_path / "run", epochs=1, embedding_dim=100, batch_size=512,
                          eval_batch_size=512, lr=1e-3, max_train_batches=2, max_eval_batches=1,

@@ -2,7 +2,7 @@ import csv
 
 import pytest
 
-from dsan_conftest_helpers import TINY_TRAINING, make_tiny_synthetic
+from testing import TINY_TRAINING, make_tiny_synthetic
 from dsan.tune import APPENDIX_GRID, parse_subset, tune
 
 

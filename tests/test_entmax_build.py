@@ -15,7 +15,7 @@ import torch
 import entmax_cuda
 from entmax_cuda import _build
 
-from conftest import REPO_ROOT
+from testing import REPO_ROOT
 
 
 _REAL_BUILD_INFO = _build.build_info()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import entmax_cuda
-from conftest import (
+from testing import (
     ATOL,
     SUM_ATOL,
     acc_dtype,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import entmax_cuda
-from conftest import ATOL, GRAD_RTOL
+from testing import ATOL, GRAD_RTOL
 from entmax_cuda import AdaptiveEntmax
 
 

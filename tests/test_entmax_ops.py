@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import entmax_cuda
-from conftest import ATOL, GRAD_RTOL, acc_dtype, requires_cuda
+from testing import ATOL, GRAD_RTOL, acc_dtype, requires_cuda
 
 forward = torch.ops.entmax_cuda.entmax_forward
 backward = torch.ops.entmax_cuda.entmax_backward
