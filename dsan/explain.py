@@ -53,7 +53,7 @@ def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, att
 
     session = [data.original_id(i) for i in items[0].tolist()]
     labels = [str(i) for i in session] + ["target"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 11), gridspec_kw={"height_ratios": [len(labels), 4]})
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), height_ratios=[4, 1], layout="constrained")
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # masked = exact zero
     for column, (name, weights) in enumerate(panels.items()):
         alphas = "alpha_self" in weights
@@ -73,13 +73,12 @@ def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, att
                      + (f" (α₂ = {float(weights['alpha_target']):.4f})" if alphas else "")
                      + f"\n{int((target_weights == 0).sum())} of {target_weights.size} weights exactly zero (grey)")
         ax.set_xticks(range(len(session)), labels[:-1], rotation=90, fontsize=7)
-        ax.set_yticks([0], ["session"], fontsize=7)
+        ax.set_yticks([0], ["β"])
         ax.set_xlabel("item (id, click order)")
-        ax.set_ylabel("query: the session")
+        ax.set_ylabel("weight of each item")
         fig.colorbar(image, ax=ax, fraction=0.046, label="weight")
     fig.suptitle(f"test sample {test_index}: a session of {len(session)} clicks, "
                  f"next item {data.original_id(int(target[0]))}")
-    fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
