@@ -304,14 +304,21 @@ def prepare(dataset: str, out_dir, raw=None, protocol: str = DEFAULT_PROTOCOL,
 # ---------------------------------------------------------------- loading
 
 
+SESSION_TEXT_BYTES = b"0123456789 \n"
+
+
 def read_session_file(path) -> list[list[int]]:
     """Session text -> list of id lists; a malformed line stops with file:line."""
     sessions = []
-    for line_number, line in read_lines(path):
+    raw = Path(path).read_bytes()
+    plain = not raw.translate(None, SESSION_TEXT_BYTES)  # only digits, spaces and newlines: no check per field
+    for line_number, line in enumerate(raw.decode("ascii").split("\n"), 1) if plain else read_lines(path):
         fields = line.split()
         if not fields:
+            if plain and line_number == raw.count(b"\n") + 1:
+                break  # what follows the last newline
             raise DataError(f"{path}:{line_number}: empty line (expected item ids separated by spaces)")
-        if not (line.isascii() and all(map(str.isdigit, fields))):
+        if not plain and not (line.isascii() and all(map(str.isdigit, fields))):
             bad = next(f for f in fields if not (f.isascii() and f.isdigit()))
             raise DataError(f"{path}:{line_number}: item id {bad[:40]!r} is not a positive integer in ASCII digits")
         items = [int(x) for x in fields]

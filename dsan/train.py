@@ -129,6 +129,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, amsgrad=True)
         self.state = {"epoch": 0, "best_epoch": None, "best_metric": -math.inf, "best_metrics": None,
                       "epochs_without_improvement": 0, "stopped_early": False}
+        self.saved_epoch = 0  # the epoch whose last.pt is on disk
         self.ddp_model = self.model
         if self.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -155,6 +156,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.state.update(checkpoint["state"])
+            self.saved_epoch = self.state["epoch"]
         except (KeyError, ValueError, TypeError) as e:
             raise RunError(f"{path}: no resumable training state ({type(e).__name__}: {e})") from None
 
@@ -232,6 +234,7 @@ class Trainer:
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "model_args": model_args, "catalogue": catalogue, "state": self.state},
                         self.run_dir / "last.pt")
+        self.saved_epoch = epoch
 
     def test(self) -> dict:
         """The selected checkpoint (best.pt) on the test set."""
@@ -323,7 +326,7 @@ class Trainer:
                     + format_metrics(summary["test"], ("hr@5", "mrr@5", "hr@10", "mrr@10", "hr@20", "mrr@20")))
         except KeyboardInterrupt:
             raise TrainingInterrupted(f"interrupted in epoch {epoch} of {self.run_dir}; it is saved after epoch "
-                                      f"{state['epoch']}") from None
+                                      f"{self.saved_epoch}") from None
         if self.world > 1:
             dist.barrier()
         return summary

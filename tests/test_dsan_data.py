@@ -190,10 +190,12 @@ def test_non_utf8_bytes_name_the_file_line_and_byte(tmp_path):
         read_diginetica(raw)
 
 
-def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+def test_a_utf8_byte_order_mark_and_other_line_ends_are_accepted(tmp_path):
     path = tmp_path / "train.txt"
     path.write_bytes("\ufeff1 2 3\n4 5\n".encode())
     assert read_session_file(path) == [[1, 2, 3], [4, 5]]
+    for text in ("1 2 3\n4 5", "1 2 3\r\n4\t5\r\n"):  # no final newline; Windows line ends and tabs
+        assert read_session_file(write(tmp_path / "t.txt", text)) == [[1, 2, 3], [4, 5]]
     raw = tmp_path / "views.csv"
     raw.write_bytes("\ufeffsession_id;user_id;item_id;timeframe;eventdate\n1;NA;10;100;2016-01-01\n".encode())
     assert read_diginetica(raw)[0].items == [10]
