@@ -9,6 +9,7 @@ import sys
 
 from . import config as config_module
 from .config import DEFAULTS, PROTOCOL_NAMES, add_options, given_options
+from .data import DEFAULT_PROTOCOL, SYNTHETIC_ITEMS, SYNTHETIC_SEED, SYNTHETIC_SESSIONS
 from .errors import DsanError
 
 INTERRUPTED_STATUS = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
@@ -36,15 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="REQUIRED for diginetica (train-item-views.csv) and retailrocket (events.csv, or the "
                               "sessionized TSV sample); not used for synthetic")
     prepare.add_argument("--out", required=True, metavar="DIR", help="output data folder (required)")
-    prepare.add_argument("--protocol", choices=PROTOCOL_NAMES, default="dsan",
+    prepare.add_argument("--protocol", choices=PROTOCOL_NAMES, default=DEFAULT_PROTOCOL,
                          help="dsan: sessions >= 3 clicks, inputs >= 2 clicks (the paper); srgnn: >= 2 and >= 1 "
                               "(default: %(default)s)")
     prepare.add_argument("--unsorted", action="store_true",
                          help="diginetica: keep the file's order inside sessions, which the paper's camera-ready "
                               "numbers used (wrong; for comparison only) (default: sorted by eventdate, timeframe)")
-    prepare.add_argument("--seed", type=int, default=1, help="synthetic: generator seed (default: %(default)s)")
-    prepare.add_argument("--sessions", type=int, default=6000, help="synthetic: sessions (default: %(default)s)")
-    prepare.add_argument("--items", type=int, default=400, help="synthetic: items (default: %(default)s)")
+    prepare.add_argument("--seed", type=int, default=SYNTHETIC_SEED, help="synthetic: generator seed (default: %(default)s)")
+    prepare.add_argument("--sessions", type=int, default=SYNTHETIC_SESSIONS, help="synthetic: sessions (default: %(default)s)")
+    prepare.add_argument("--items", type=int, default=SYNTHETIC_ITEMS, help="synthetic: items (default: %(default)s)")
 
     train = _command(commands, "train", "train DSAN (and test the selected model)",
                      "Train DSAN. Options: defaults < --config file < command line; the run directory keeps "
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--verbose", action="store_true", help="show each run's log lines (default: one line per run)")
     add_options(tune, exclude=NOT_TUNE_OPTIONS)
 
-    from .demo import DEMO_EPOCHS, DEMO_ITEMS, DEMO_SESSIONS
+    from .demo import DEMO_EPOCHS
 
     demo = _command(commands, "demo", "synthetic data -> train -> evaluate -> heat map, in minutes on a CPU")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: %(default)s)")
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--attention", default=DEFAULTS.attention,
                       help="normaliser; it needs the built entmax_cuda kernels, entmax-reference does not (pure "
                            "PyTorch, slower) (default: %(default)s)")
-    demo.add_argument("--sessions", type=int, default=DEMO_SESSIONS, help="synthetic sessions (default: %(default)s)")
-    demo.add_argument("--items", type=int, default=DEMO_ITEMS, help="synthetic items (default: %(default)s)")
+    demo.add_argument("--sessions", type=int, default=SYNTHETIC_SESSIONS, help="synthetic sessions (default: %(default)s)")
+    demo.add_argument("--items", type=int, default=SYNTHETIC_ITEMS, help="synthetic items (default: %(default)s)")
     return parser
 
 

@@ -15,16 +15,18 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .data import PROTOCOLS
 from .device import DEVICE_CHOICES
 from .errors import ConfigError, require_extra
+from .evaluate import METRICS
 
 ATTENTION_NAMES = ("adaptive-entmax", "entmax-reference", "softmax", "entmax-bisect-lib")
 ATTENTION_HELP = ("adaptive-entmax (the fused entmax_cuda op, learned alpha), entmax-reference (pure-PyTorch "
                   "bisection, learned alpha, slow), softmax, entmax:A (fixed alpha A >= 1), entmax-bisect-lib "
                   "(the `entmax` library, learned alpha)")
-SELECTION_METRICS = tuple(f"{name}@{k}" for k in (5, 10, 20) for name in ("hr", "mrr", "ndcg"))
+SELECTION_METRICS = tuple(METRICS)
 SELECTIONS = ("valid", "test", "none")
-PROTOCOL_NAMES = ("dsan", "srgnn")
+PROTOCOL_NAMES = tuple(PROTOCOLS)
 
 
 def _option(kind, default, help, *, choices=None, at_least=None, above=None, below=None, none=None,

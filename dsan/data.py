@@ -42,6 +42,9 @@ PROTOCOLS = {
     "srgnn": Protocol("srgnn", min_session_length=2, min_prefix=1),
 }
 DEFAULT_PROTOCOL = "dsan"
+SYNTHETIC_SESSIONS = 6000
+SYNTHETIC_ITEMS = 400
+SYNTHETIC_SEED = 1
 INT64_MAX = 2**63 - 1
 
 
@@ -244,8 +247,8 @@ def _read_retailrocket_sessions_tsv(path) -> list[RawSession]:
     return sessions
 
 
-def generate_synthetic(n_items: int = 400, n_sessions: int = 6000, n_clusters: int = 20,
-                       days: int = 60, seed: int = 1) -> list[RawSession]:
+def generate_synthetic(n_items: int = SYNTHETIC_ITEMS, n_sessions: int = SYNTHETIC_SESSIONS, n_clusters: int = 20,
+                       days: int = 60, seed: int = SYNTHETIC_SEED) -> list[RawSession]:
     """Sessions with learnable structure: each item has two preferred successors in its
     cluster (a sparse Markov chain), plus random in-cluster jumps and rare noise clicks."""
     rng = random.Random(seed)
@@ -274,8 +277,8 @@ def generate_synthetic(n_items: int = 400, n_sessions: int = 6000, n_clusters: i
 
 
 def prepare(dataset: str, out_dir, raw=None, protocol: str = DEFAULT_PROTOCOL,
-            unsorted: bool = False, seed: int = 1, synthetic_sessions: int = 6000,
-            synthetic_items: int = 400) -> dict:
+            unsorted: bool = False, seed: int = SYNTHETIC_SEED, synthetic_sessions: int = SYNTHETIC_SESSIONS,
+            synthetic_items: int = SYNTHETIC_ITEMS) -> dict:
     """Raw data -> session text in out_dir; returns the stats written to stats.json."""
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .config import DEFAULTS
-from .data import prepare
+from .data import SYNTHETIC_ITEMS, SYNTHETIC_SESSIONS, prepare
 from .evaluate import evaluate_popularity_on, metrics_table
 from .explain import explain
 from .model import attention_normaliser
@@ -15,12 +15,10 @@ from .train import prepare_run, train
 
 DEMO_EPOCHS = 4
 DEMO_BATCH_SIZE = 128
-DEMO_SESSIONS = 6000
-DEMO_ITEMS = 400
 
 
-def run_demo(out, epochs: int = DEMO_EPOCHS, attention: str = DEFAULTS.attention, sessions: int = DEMO_SESSIONS,
-             items: int = DEMO_ITEMS, report=print) -> dict:
+def run_demo(out, epochs: int = DEMO_EPOCHS, attention: str = DEFAULTS.attention, sessions: int = SYNTHETIC_SESSIONS,
+             items: int = SYNTHETIC_ITEMS, report=print) -> dict:
     """Writes OUT/data, OUT/run and OUT/attention.png; returns the test metrics of DSAN and of the baseline.
     Running it again on the same OUT reuses (or continues) the finished run."""
     started = time.time()
@@ -35,7 +33,8 @@ def run_demo(out, epochs: int = DEMO_EPOCHS, attention: str = DEFAULTS.attention
                                              "attention": attention}, resume=resume)
     report(f"[2/4] training {epochs} epochs ({attention}) in {run_dir}")
     summary = train(config, run_dir, resume=resume)
-    popularity, _ = evaluate_popularity_on(data_dir)
+    popularity, _ = evaluate_popularity_on(data_dir, "test", DEFAULTS.valid_fraction, None,
+                                           DEFAULTS.eval_batch_size)
     report("[3/4] evaluation on the test set")
     report(metrics_table(f"DSAN ({attention}), epoch {summary['selected_epoch']} selected on validation:",
                          summary["test"]))

@@ -76,8 +76,7 @@ def evaluate_model(model, samples: PrefixSamples, batch_size: int, device="cpu",
         model.train(was_training)
 
 
-def evaluate_popularity(train_samples: PrefixSamples, samples: PrefixSamples, n_items: int,
-                        batch_size: int = 512) -> dict:
+def evaluate_popularity(train_samples: PrefixSamples, samples: PrefixSamples, n_items: int, batch_size: int) -> dict:
     """Most-popular baseline: every session gets the items ranked by training click count
     (equal counts ordered by id, so ties do not flatter the baseline)."""
     counts = train_samples.item_counts(n_items)[1:n_items + 1].astype(np.float64)
@@ -122,8 +121,7 @@ def evaluate_run(run_dir, split: str = "test", checkpoint: str = "best", attenti
     return evaluate_model(model, samples, batch_size or config.eval_batch_size, device), data.notes
 
 
-def evaluate_popularity_on(data_dir, split: str = "test", valid_fraction: float = 0.1, protocol=None,
-                           batch_size: int = 512):
+def evaluate_popularity_on(data_dir, split: str, valid_fraction: float, protocol, batch_size: int):
     """(metrics, data notes) of the most-popular baseline; for the validation split it counts
     the training part only."""
     data = SessionData.load(data_dir, protocol)
