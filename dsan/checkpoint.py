@@ -3,8 +3,7 @@ checked to be dsan checkpoints before use."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import io
 from pathlib import Path
 
 import torch
@@ -16,7 +15,11 @@ REQUIRED_KEYS = ("model", "model_args")
 
 
 def save_checkpoint(state: dict, path) -> None:
-    write_atomically({path: lambda tmp: torch.save(state, tmp)})
+    """Serialised in memory first: torch.save reports a full disk as a RuntimeError, a plain
+    write as the OSError that write_atomically turns into a clear message."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically({path: buffer.getvalue()})
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -27,8 +30,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    except Exception as e:  # a foreign file can fail anywhere in the unpickler (KeyError, EOFError, ...)
+        reason = str(e).strip().split(". ")[0].splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable dsan checkpoint (corrupt, truncated or written by another "
                               f"program): {reason}") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):

@@ -186,6 +186,10 @@ def main(argv=None) -> int:
     except DsanError as e:
         print(f"dsan {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the user named cannot be read or created
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dsan {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except TrainingInterrupted as e:
         print(f"dsan {args.command}: {e}", file=sys.stderr)
         return INTERRUPTED_STATUS

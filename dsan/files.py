@@ -35,6 +35,15 @@ def write_atomically(contents: dict) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def append_line(path, line: str) -> None:
+    """Appends one line (a log or a metrics record); a failed write is a clear error."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise DsanError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def read_lines(path):
     """(line number, text) of a UTF-8 text file; a leading byte-order mark is dropped, and bytes
     that are not UTF-8 stop with the file, line and byte."""

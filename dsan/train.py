@@ -27,7 +27,7 @@ from .data import SessionData, batch_index_lists
 from .device import setup_distributed, world_size_from_environment
 from .errors import RunError, require_extra
 from .evaluate import evaluate_model, format_metrics
-from .files import write_atomically
+from .files import append_line, write_atomically
 from .model import DSAN
 
 RESUMABLE = [name for name, f in FIELDS.items() if f.metadata["on_resume"]]
@@ -78,8 +78,7 @@ class TrainingLog:
             return
         if not self.quiet:
             print(line, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        append_line(self.path, line)
 
 
 def _rewrite_metrics(path: Path, last_epoch: int) -> None:
@@ -89,11 +88,6 @@ def _rewrite_metrics(path: Path, last_epoch: int) -> None:
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("epoch", math.inf) <= last_epoch]
     write_atomically({path: "".join(line + "\n" for line in kept)})
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 class Trainer:
@@ -230,7 +224,7 @@ class Trainer:
                              "epoch": epoch,
                              "metrics": self.state["best_metrics"], "selection_split": self.split_name},
                             self.run_dir / "best.pt")
-        _append_metrics(self.metrics_path, record)
+        append_line(self.metrics_path, json.dumps(record))
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "model_args": model_args, "catalogue": catalogue, "state": self.state},
                         self.run_dir / "last.pt")
@@ -265,7 +259,8 @@ class Trainer:
         if state["epoch"] == 0:
             for note in self.data.notes:
                 log(f"note: {note}")
-            truncated = self.train_samples.truncated + self.test_samples.truncated
+            truncated = sum(samples.truncated for samples in (self.train_samples, self.selection_samples,
+                                                              self.test_samples) if samples is not None)
             if truncated:
                 log(f"note: {truncated} input prefixes longer than --max-length {config.max_length} keep their most "
                     "recent clicks")
@@ -319,8 +314,9 @@ class Trainer:
             if self.evaluate_test:
                 summary["test"] = self.test()
                 if self.is_main:
-                    _append_metrics(self.metrics_path, {"event": "test", "selected_epoch": state["best_epoch"],
-                                                        "selection": self.selection_label, "test": summary["test"]})
+                    append_line(self.metrics_path, json.dumps({"event": "test", "selected_epoch": state["best_epoch"],
+                                                               "selection": self.selection_label,
+                                                               "test": summary["test"]}))
                     write_atomically({self.run_dir / "test_metrics.json": json.dumps(summary, indent=2) + "\n"})
                 log(f"test (epoch {state['best_epoch']}, {self.selection_label}): "
                     + format_metrics(summary["test"], ("hr@5", "mrr@5", "hr@10", "mrr@10", "hr@20", "mrr@20")))

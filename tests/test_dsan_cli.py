@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,7 +172,7 @@ def test_data_without_stats_json_says_the_protocol_it_assumes_and_takes_another(
 
 def test_a_session_of_a_hundred_thousand_clicks_keeps_its_most_recent_ones(data_dir, tmp_path, capsys):
     long_session = " ".join(str(1 + i % 150) for i in range(100_000))
-    train = long_session + "\n" + (data_dir / "train.txt").read_text()
+    train = (data_dir / "train.txt").read_text() + long_session + "\n"  # the latest: a validation session
     data = copy_data(data_dir, tmp_path / "data", train=train, stats=False)
     assert main(["train", "--data", str(data), "--run", str(tmp_path / "run"), "--quiet"] + tiny_options(epochs=1)
                 + ["--max-train-batches", "2", "--max-eval-batches", "1", "--max-length", "40"]) == 0
@@ -188,6 +189,7 @@ def test_a_session_of_a_hundred_thousand_clicks_keeps_its_most_recent_ones(data_
 @pytest.mark.parametrize("content, message", [
     (b"", "best.pt: empty file, not a checkpoint"),
     (b"not a checkpoint at all", "best.pt: not a readable dsan checkpoint"),
+    (b"hello\n", "best.pt: not a readable dsan checkpoint"),  # the unpickler raises KeyError on it
     ("truncated", "best.pt: not a readable dsan checkpoint"),
     ("foreign", "best.pt: not a dsan checkpoint (expected the keys model, model_args)"),
 ])
@@ -208,16 +210,23 @@ def test_corrupt_truncated_empty_or_foreign_checkpoints_are_named(run_dir, tmp_p
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(data_dir, tmp_path, capsys, monkeypatch):
-    real_save = torch.save
+    real_write_bytes = Path.write_bytes
 
-    def save_on_a_full_disk(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)  # part of the file was written, then the disk filled up
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def write_bytes_on_a_full_disk(path, data):
+        if path.name.startswith(".best.pt.tmp"):
+            real_write_bytes(path, data[:len(data) // 2])  # part of the file was written, then the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_bytes(path, data)
 
-    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes_on_a_full_disk)
     fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--quiet"] + tiny_options(epochs=1),
           capsys, "No space left on device (nothing was changed)")
     assert not list((tmp_path / "run").glob(".*tmp*")) and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_folder_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    fails(["prepare", "synthetic", "--out", str(tmp_path / "a-file" / "data")], capsys, "a-file/data: Not a directory")
 
 
 def test_resume_on_other_data_fails_before_touching_the_run(run_dir, data_dir, tmp_path, capsys):
