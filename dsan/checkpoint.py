@@ -4,6 +4,7 @@ checked to be dsan checkpoints before use."""
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -31,9 +32,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a foreign file can fail anywhere in the unpickler (KeyError, EOFError, ...)
-        reason = str(e).strip().split(". ")[0].splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        said = str(e).strip().split(". ")[0].splitlines()[0][:160] if str(e).strip() else ""
+        reason = f": {said}" if said and isinstance(e, (RuntimeError, pickle.UnpicklingError, EOFError)) else ""
         raise CheckpointError(f"{path}: not a readable dsan checkpoint (corrupt, truncated or written by another "
-                              f"program): {reason}") from None
+                              f"program){reason}") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a dsan checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
     return state

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sample of the prefix-expanded test set (default: the longest test prefix)")
     explain.add_argument("--data", metavar="DIR", help="data folder (default: the run's)")
     explain.add_argument("--attention", help="the learned side's normaliser (default: the run's)")
-    explain.add_argument("--compare-with", default="softmax", help="the other side's normaliser (default: %(default)s)")
+    explain.add_argument("--compare-with", metavar="NAME",
+                         help="the other side's normaliser (default: softmax; entmax-reference beside a softmax run)")
     add_options(explain, ["protocol"])
 
     tune = _command(commands, "tune", "the technical appendix's grid search, selected on validation",

@@ -12,7 +12,7 @@ import torch
 from .checkpoint import load_model
 from .config import read_run_config
 from .data import SessionData
-from .errors import DataError, require_extra
+from .errors import ConfigError, DataError, require_extra
 from .evaluate import check_catalogue
 from .files import write_atomically
 
@@ -29,9 +29,10 @@ def session_attention(model, items, lengths, attention: str) -> dict:
 
 
 def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, attention=None,
-            compare_with: str = "softmax", protocol=None) -> dict:
+            compare_with: str | None = None, protocol=None) -> dict:
     """Draws the figure for test sample `test_index` (prefix-expanded test set order; default:
-    the longest test prefix) and returns what it shows."""
+    the longest test prefix) and returns what it shows. compare_with: the other side's
+    normaliser (default softmax; entmax-reference beside a softmax run)."""
     matplotlib = require_extra("matplotlib")
     matplotlib.use("Agg")
     plt = require_extra("matplotlib.pyplot")
@@ -48,6 +49,9 @@ def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, att
                         f"(0..{len(samples) - 1})")
     items, lengths, target = samples.batch([test_index])
     learned_name = model.attention
+    compare_with = compare_with or ("entmax-reference" if learned_name == "softmax" else "softmax")
+    if compare_with == learned_name:
+        raise ConfigError(f"--compare-with {compare_with} is the normaliser shown already; choose another")
     panels = {learned_name: session_attention(model, items, lengths, learned_name),
               compare_with: session_attention(model, items, lengths, compare_with)}
 

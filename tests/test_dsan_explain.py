@@ -36,6 +36,14 @@ def test_explain_shows_the_longest_test_prefix_by_default(entmax_run, tmp_path, 
     assert "alpha_self" in printed["panels"]["entmax-reference"] and "alpha_self" not in printed["panels"]["softmax"]
 
 
+def test_a_softmax_run_is_shown_beside_entmax_and_never_twice(entmax_run, tmp_path, capsys):
+    result = explain(entmax_run, tmp_path / "fig.png", attention="softmax")
+    assert set(result["panels"]) == {"softmax", "entmax-reference"}
+    assert main(["explain", "--run", str(entmax_run), "--out", str(tmp_path / "x.png"),
+                 "--compare-with", "entmax-reference"]) == 2
+    assert "--compare-with entmax-reference is the normaliser shown already" in capsys.readouterr().err
+
+
 def test_explain_rejects_an_index_outside_the_test_set(entmax_run, tmp_path, capsys):
     assert main(["explain", "--run", str(entmax_run), "--test-index", "999999", "--out", str(tmp_path / "x.png")]) == 2
     assert "out of range" in capsys.readouterr().err
