@@ -66,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pop: the most-popular baseline from the training clicks, needs --data "
                                "(default: %(default)s)")
     evaluate.add_argument("--data", metavar="DIR", help="data folder (default: the run's)")
-    evaluate.add_argument("--split", choices=["test", "valid"], default="test", help="(default: %(default)s)")
+    evaluate.add_argument("--split", choices=["test", "valid"], default="test",
+                          help="the test set, or the run's validation split (default: %(default)s)")
     evaluate.add_argument("--checkpoint", choices=["best", "last"], default="best",
                           help="best: the selected epoch; last: the latest (default: %(default)s)")
-    evaluate.add_argument("--attention", help="evaluate the same weights with another normaliser (default: the run's)")
-    evaluate.add_argument("--valid-fraction", type=float, default=DEFAULTS.valid_fraction,
+    evaluate.add_argument("--attention", metavar="NAME", help="evaluate the same weights with another normaliser (default: the run's)")
+    evaluate.add_argument("--valid-fraction", type=float, default=DEFAULTS.valid_fraction, metavar="X",
                           help="--model pop --split valid: the latest fraction of training sessions that validates "
                                "(default: %(default)s)")
     add_options(evaluate, ["eval_batch_size", "device", "protocol"], flags={"eval_batch_size": "--batch-size"})
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--test-index", type=int, metavar="N",
                          help="sample of the prefix-expanded test set (default: the longest test prefix)")
     explain.add_argument("--data", metavar="DIR", help="data folder (default: the run's)")
-    explain.add_argument("--attention", help="the learned side's normaliser (default: the run's)")
+    explain.add_argument("--attention", metavar="NAME", help="the learned side's normaliser (default: the run's)")
     explain.add_argument("--compare-with", metavar="NAME",
                          help="the other side's normaliser (default: softmax; entmax-reference beside a softmax run)")
     add_options(explain, ["protocol"])
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with the same settings.")
     tune.add_argument("--data", required=True, metavar="DIR", help="data folder (required)")
     tune.add_argument("--out", required=True, metavar="DIR", help="folder for runs/, results.csv, results.md (required)")
-    tune.add_argument("--grid", choices=["appendix"], default="appendix", help="(default: %(default)s)")
+    tune.add_argument("--grid", choices=["appendix"], default="appendix",
+                      help="the technical appendix's lr x dropout x wk grid (default: %(default)s)")
     from .tune import NOT_TUNE_OPTIONS, SUBSET_HELP
 
     tune.add_argument("--subset", metavar="SPEC", help=f"{SUBSET_HELP} (default: the whole grid)")
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _command(commands, "demo", "synthetic data -> train -> evaluate -> heat map, in minutes on a CPU")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="training epochs (default: %(default)s)")
-    demo.add_argument("--attention", default=DEFAULTS.attention,
+    demo.add_argument("--attention", default=DEFAULTS.attention, metavar="NAME",
                       help="normaliser; it needs the built entmax_cuda kernels, entmax-reference does not (pure "
                            "PyTorch, slower) (default: %(default)s)")
     demo.add_argument("--sessions", type=int, default=SYNTHETIC_SESSIONS, help="synthetic sessions (default: %(default)s)")

@@ -44,7 +44,7 @@ class RunConfig:
     data: str | None = _option(str, None, "data folder with train.txt and test.txt", none="none: required")
     protocol: str | None = _option(
         str, None, "prefix rule of data without stats.json: dsan (inputs >= 2 clicks) or srgnn (>= 1)",
-        choices=PROTOCOL_NAMES, none="the data's stats.json; without one dsan, said on the first line")
+        choices=PROTOCOL_NAMES, none="the data's stats.json; without one dsan, said in a note")
     max_length: int = _option(int, 300, "longest input prefix: a longer one keeps its most recent clicks "
                                         "(the paper's data sets have none longer than 285)", at_least=1)
     epochs: int = _option(int, 50, "maximum training epochs", at_least=1, on_resume=True)
