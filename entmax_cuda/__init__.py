@@ -3,9 +3,10 @@
     p = entmax_cuda.entmax(scores, alpha, dim=-1)
     attn = entmax_cuda.AdaptiveEntmax(dim=-1, n_heads=8)
 
-The `entmax` library's API (sparsemax, entmax15, entmax_bisect, their modules and
-Fenchel-Young losses) is here too, computed by the same kernels: replace
-`import entmax` with `import entmax_cuda as entmax`.
+The `entmax` library's sparsemax, entmax15, entmax_bisect and sparsemax_bisect, their
+modules and Fenchel-Young losses are here too (same signatures), computed by the same
+kernels: code using those switches with `import entmax_cuda as entmax` (the library's
+normmax and budget variants are not provided).
 See README.md for the semantics (masking, alpha = 1, invalid alpha, dtypes).
 """
 

@@ -96,7 +96,6 @@ def _check_reduction(caller: str, reduction) -> None:
 
 def _per_sample_alpha(caller: str, alpha, X: torch.Tensor) -> torch.Tensor:
     """alpha as (n, 1) rows: a float, a 0-d tensor, or one value per sample, (n,) or (n, 1)."""
-    check_alpha(caller, alpha)
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
         alpha = alpha.unsqueeze(1)
     return _alpha_per_row(alpha, X, 1, caller)
