@@ -13,6 +13,8 @@ limited API (abi3, Python >= 3.10), so one wheel serves every Python >= 3.10 and
 
 import glob
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,20 +59,43 @@ if CUDA_HOME is not None:
     cpp_extension.CUDA_HOME = CUDA_HOME  # read when the CUDA extension is compiled and linked
 
 
+def toolkit_cuda_major():
+    """The CUDA toolkit's major version, from `nvcc --version` ("release 13.0"), or None."""
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.", out)
+    return int(match.group(1)) if match else None
+
+
 def want_cuda() -> bool:
     switch = os.environ.get("ENTMAX_CUDA", "").strip()
     if switch == "0":
         return False
-    if switch == "1":
-        if CUDA_HOME is None:
-            sys.exit("ENTMAX_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the toolkit's root")
-        if torch.version.cuda is None:
-            sys.exit("ENTMAX_CUDA=1 but torch " + torch.__version__ + " is a CPU build: install a CUDA build of torch")
-        return True
-    if torch.version.cuda is not None and CUDA_HOME is None:
-        print("entmax_cuda: torch is a CUDA build but no CUDA toolkit was found (set CUDA_HOME): "
-              "building the CPU kernels only", file=sys.stderr)
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if switch == "1":
+            sys.exit("ENTMAX_CUDA=1 but " + ("no CUDA toolkit was found: set CUDA_HOME to the toolkit's root"
+                                             if torch.version.cuda is not None else
+                                             f"torch {torch.__version__} is a CPU build: install a CUDA build of torch"))
+        if torch.version.cuda is not None:
+            print("entmax_cuda: torch is a CUDA build but no CUDA toolkit was found (set CUDA_HOME): "
+                  "building the CPU kernels only", file=sys.stderr)
+        return False
+    # torch refuses to compile with a toolkit of another major version than its own.
+    toolkit, torch_major = toolkit_cuda_major(), int(torch.version.cuda.split(".")[0])
+    if toolkit is not None and toolkit != torch_major:
+        mismatch = (f"the CUDA toolkit at {CUDA_HOME} is CUDA {toolkit} while torch {torch.__version__} was "
+                    f"built with CUDA {torch.version.cuda}")
+        fix = (f"point CUDA_HOME at a CUDA {torch_major} toolkit, or install a torch built for CUDA {toolkit} "
+               "and build with `pip install --no-build-isolation .`")
+        if switch == "1":
+            sys.exit(f"ENTMAX_CUDA=1, but {mismatch}: {fix}")
+        print(f"entmax_cuda: {mismatch}: building the CPU kernels only (for the GPU kernels, {fix})",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def cuda_arch_list() -> str:

@@ -188,6 +188,41 @@ def _setup_constant(name: str) -> str:
     raise AssertionError(f"setup.py defines no {name}")
 
 
+def _run_setup_logic(script: str, env_overrides: dict) -> subprocess.CompletedProcess:
+    """Runs setup.py's definitions (everything before it decides and calls setup()) in a
+    subprocess, then `script` against them."""
+    source = (REPO_ROOT / "setup.py").read_text()
+    definitions = source[:source.index("WITH_CUDA = want_cuda()")]
+    program = (f"__file__ = {str(REPO_ROOT / 'setup.py')!r}\n" + definitions + "\n" + script)
+    env = {k: v for k, v in os.environ.items() if k not in ("ENTMAX_CUDA", "TORCH_CUDA_ARCH_LIST")}
+    env.update(env_overrides)
+    return subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("switch", ["", "1"])
+def test_toolkit_of_another_cuda_major_than_torch_is_named(switch):
+    # a CUDA 12.8 torch and a CUDA 13 toolkit: torch cannot compile the kernels with it
+    script = ("import torch\n"
+              "torch.version.cuda = '12.8'\n"
+              "CUDA_HOME = '/opt/cuda-13'\n"
+              "toolkit_cuda_major = lambda: 13\n"
+              "print('WITH_CUDA', want_cuda())\n")
+    result = _run_setup_logic(script, {"ENTMAX_CUDA": switch})
+    assert "CUDA toolkit at /opt/cuda-13 is CUDA 13 while torch" in result.stderr
+    assert "built with CUDA 12.8" in result.stderr and "CUDA_HOME" in result.stderr
+    if switch == "1":
+        assert result.returncode == 1 and "ENTMAX_CUDA=1, but" in result.stderr and "Traceback" not in result.stderr
+    else:
+        assert result.returncode == 0 and "WITH_CUDA False" in result.stdout
+        assert "building the CPU kernels only" in result.stderr
+
+
+def test_recorded_code_lists_follow_torchs_gencode_flags():
+    result = _run_setup_logic("print(compiled_code('7.5;8.6;9.0;12.0+PTX'))", {})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(_code_lists("7.5;8.6;9.0;12.0+PTX"))
+
+
 def _code_lists(arch_list: str) -> tuple[list[str], list[str]]:
     """(sm_XY binaries, compute_XY PTX) that TORCH_CUDA_ARCH_LIST asks nvcc for."""
     sass, ptx = [], []
