@@ -333,12 +333,18 @@ DSAN_EXTRAS = ("yaml", "tqdm", "matplotlib")
 
 
 def test_import_entmax_cuda_needs_none_of_the_dsan_extras(tmp_path):
+    # Every import of an extra fails as a missing package's does (ModuleNotFoundError), while
+    # importlib.util.find_spec still answers (torch's own optional-dependency probes call it).
     blocker = (
-        "import sys\n"
+        "import importlib.machinery, sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         f"        if name.split('.')[0] in {DSAN_EXTRAS!r}:\n"
-        "            raise ImportError('blocked: ' + name)\n"
+        "            return importlib.machinery.ModuleSpec(name, self)\n"
+        "    def create_module(self, spec):\n"
+        "        raise ModuleNotFoundError('blocked: ' + spec.name, name=spec.name)\n"
+        "    def exec_module(self, module):\n"
+        "        pass\n"
         "sys.meta_path.insert(0, Block())\n"
         "import entmax_cuda, torch\n"
         "x = torch.randn(3, 5, requires_grad=True)\n"
