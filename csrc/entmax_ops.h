@@ -74,6 +74,14 @@ inline RowLayout row_layout(const Tensor& x, int64_t dim) {
   return l;
 }
 
+// The kernels index a row's entries with 32-bit integers.
+constexpr int64_t kMaxRowLength = 2147483647;
+
+inline void check_row_length(const RowLayout& l) {
+  ENTMAX_CHECK(l.n <= kMaxRowLength, "entmax: rows of ", l.n, " entries are longer than the supported ",
+               kMaxRowLength);
+}
+
 inline bool is_supported_float(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
          t == ScalarType::BFloat16;
