@@ -16,6 +16,11 @@
 #endif
 
 namespace entmax_cuda {
+
+// Internal arithmetic: float for float/half/bfloat16, double for double.
+template <typename scalar_t> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
 namespace math {
 
 // float / double overloads of the special functions, usable on both sides.

@@ -1,11 +1,13 @@
 // CPU kernels: rows in parallel (torch's parallel_for), the math from entmax_math.h.
 // Short float rows go in batches of one row per SIMD lane (forward_rows.h,
-// backward_rows.h), the others one row at a time.
+// backward_rows.h), the others one row at a time. The CPU twins of the CUDA kernels
+// (gpu_twins.h) are registered here too, as private ops for the tests.
 #include "../entmax_math.h"
 #include "../entmax_ops.h"
 #include "backward_rows.h"
 #include "cpu_common.h"
 #include "forward_rows.h"
+#include "gpu_twins.h"
 
 #include <torch/csrc/stable/library.h>
 
@@ -98,41 +100,25 @@ void backward_cpu_typed(const Tensor& dy, const Tensor& y, const Tensor& alpha, 
   });
 }
 
-Tensor entmax_forward_cpu(const Tensor& x_in, const Tensor& alpha_in, int64_t dim) {
-  check_input(x_in, "x");
-  ENTMAX_CHECK(x_in.is_cpu(), "entmax_forward_cpu: x must be a CPU tensor");
-  dim = wrap_dim(dim, x_in.dim());
-  check_rows_tensor(x_in, alpha_in, dim, "alpha");
-  const Tensor x = torch::stable::contiguous(x_in);
-  const Tensor alpha = torch::stable::contiguous(alpha_in);
-  Tensor y = torch::stable::empty_like(x);
-  const RowLayout l = row_layout(x, dim);
-  check_row_length(l);
-  if (x.numel() == 0) return y;
-  dispatch_float_types(x.scalar_type(), [&](auto tag) { forward_cpu_typed<decltype(tag)>(x, alpha, y, l); });
-  return y;
+Tensor entmax_forward_cpu(const Tensor& x, const Tensor& alpha, int64_t dim) {
+  ENTMAX_CHECK(x.is_cpu(), "entmax_forward_cpu: x must be a CPU tensor");
+  ForwardCall c = forward_call(x, alpha, dim);
+  if (c.x.numel() > 0) {
+    dispatch_float_types(c.x.scalar_type(), [&](auto tag) { forward_cpu_typed<decltype(tag)>(c.x, c.alpha, c.y, c.layout); });
+  }
+  return c.y;
 }
 
-std::tuple<Tensor, Tensor> entmax_backward_cpu(const Tensor& dy_in, const Tensor& y_in, const Tensor& alpha_in,
-                                               int64_t dim, bool alpha_grad) {
-  ENTMAX_CHECK(y_in.is_cpu() && dy_in.is_cpu(), "entmax_backward_cpu: tensors must be on the CPU");
-  dim = wrap_dim(dim, y_in.dim());
-  check_backward_args(dy_in, y_in, alpha_in, dim);
-  const Tensor dy = torch::stable::contiguous(dy_in);
-  const Tensor y = torch::stable::contiguous(y_in);
-  const Tensor alpha = torch::stable::contiguous(alpha_in);
-  Tensor dx = torch::stable::empty_like(y);
-  Tensor dalpha = torch::stable::empty_like(alpha);
-  const RowLayout l = row_layout(y, dim);
-  check_row_length(l);
-  if (y.numel() == 0) {
-    torch::stable::zero_(dalpha);
-    return std::make_tuple(dx, dalpha);
+std::tuple<Tensor, Tensor> entmax_backward_cpu(const Tensor& dy, const Tensor& y, const Tensor& alpha, int64_t dim,
+                                               bool alpha_grad) {
+  ENTMAX_CHECK(y.is_cpu() && dy.is_cpu(), "entmax_backward_cpu: tensors must be on the CPU");
+  BackwardCall c = backward_call(dy, y, alpha, dim);
+  if (c.y.numel() > 0) {
+    dispatch_float_types(c.y.scalar_type(), [&](auto tag) {
+      backward_cpu_typed<decltype(tag)>(c.dy, c.y, c.alpha, c.dx, c.dalpha, c.layout, alpha_grad);
+    });
   }
-  dispatch_float_types(y.scalar_type(), [&](auto tag) {
-    backward_cpu_typed<decltype(tag)>(dy, y, alpha, dx, dalpha, l, alpha_grad);
-  });
-  return std::make_tuple(dx, dalpha);
+  return std::make_tuple(c.dx, c.dalpha);
 }
 
 }  // namespace
@@ -141,4 +127,6 @@ std::tuple<Tensor, Tensor> entmax_backward_cpu(const Tensor& dy_in, const Tensor
 STABLE_TORCH_LIBRARY_IMPL(entmax_cuda, CPU, m) {
   m.impl("entmax_forward", TORCH_BOX(&entmax_cuda::entmax_forward_cpu));
   m.impl("entmax_backward", TORCH_BOX(&entmax_cuda::entmax_backward_cpu));
+  m.impl("_gpu_twin_forward", TORCH_BOX(&entmax_cuda::gpu_twin_forward_cpu));
+  m.impl("_gpu_twin_backward", TORCH_BOX(&entmax_cuda::gpu_twin_backward_cpu));
 }
