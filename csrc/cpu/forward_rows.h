@@ -246,6 +246,10 @@ void forward_row_dispatch(const scalar_t* x, scalar_t* y, int64_t n, int64_t str
 
 constexpr int kBatchLanes = 16;         // rows per batch: one AVX-512 vector of floats
 constexpr int64_t kBatchMaxN = 512;     // longer rows fill vectors on their own
+// A lockstep pass costs its longest column for every lane, so a batch of rows with mixed
+// alphas pays for its densest row: rows with more candidates than this go alone (they fill
+// vectors on their own), rows of up to 128 (DSAN's 70, all dense at alpha 1.1) stay batched.
+constexpr int64_t kBatchMaxCandidates = 128;
 
 // How the rows of a batch evaluate their entries: all in one form (the usual case: rows
 // of one session or head share alpha) or each lane in its own (per-lane selects).
@@ -372,8 +376,9 @@ inline void solve_batch_f32_in_form(const float* u, float* p, int64_t rows, Batc
   }, EachRowAlone());
 }
 
-// Pads the columns to the longest one, finds every lane's threshold in lockstep, and
-// leaves p (at each lane's final threshold) in the table and F in b.F.
+// Pads the columns of the lanes to solve (b.solve) to the longest of them, finds their
+// thresholds in lockstep, and leaves p (at each lane's final threshold) in the table and F
+// in b.F. The other lanes' columns are not touched (b is this pass's copy).
 ENTMAX_CPU_CLONES
 void solve_batch_f32(float* u, float* p, BatchLanes& b) {
   int64_t rows = 0;
@@ -386,11 +391,12 @@ void solve_batch_f32(float* u, float* p, BatchLanes& b) {
   if (first < 0) return;
   bool uniform = true;
   for (int l = 0; l < kBatchLanes; ++l) {
-    if (!b.solve[l]) {  // an idle lane: harmless parameters, an empty column
+    if (!b.solve[l]) {  // an idle lane: harmless parameters; its column is left alone
       b.count[l] = 0;
       b.eps[l] = b.eps[first];
       b.inv_eps[l] = b.inv_eps[first];
       b.form[l] = b.form[first];
+      continue;
     }
     uniform = uniform && b.form[l] == b.form[first];
     for (int64_t j = b.count[l]; j < rows; ++j) u[j * kBatchLanes + l] = neg_inf<float>();
@@ -468,6 +474,10 @@ void forward_batch(const scalar_t* x, scalar_t* y, const float* alpha, int64_t r
         load_lane_f32(row, n, eps, l, fb.u.data(), fb.index.data() + l * fb.index_stride, fb.row.data());
     if (load.bad || load.m == neg_inf<float>()) {
       fill_row(y + base, n, stride, load.bad ? quiet_nan<float>() : 0.0f);
+      continue;
+    }
+    if (load.count > kBatchMaxCandidates) {
+      forward_row_dispatch<scalar_t>(x + base, y + base, n, stride, alpha[r], fallback);
       continue;
     }
     b.solve[l] = true;
