@@ -168,7 +168,7 @@ inline bool backward_sums_vector_f32(const float* p, const float* dy, float* g, 
 // last digits there).
 template <typename scalar_t, typename acc_t>
 acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int64_t stride, acc_t alpha,
-                   bool alpha_grad, BackwardScratch<acc_t>& b) {
+                   bool alpha_grad, BackwardScratch<acc_t>& b, bool known_dense = false) {
   b.reserve(n);
   const acc_t eps = alpha - acc_t(1);
   for (int64_t k = 0; k < n; ++k) {
@@ -181,8 +181,8 @@ acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t 
   if constexpr (std::is_same<acc_t, float>::value) {
     bool vector_done = false;
     if (eps > 0.0f && eps <= 1.0f) {
-      bool nan = false;
-      const int64_t support = support_size_f32(b.p.data(), b.dy.data(), n, nan);
+      bool nan = false;  // known_dense: the batch counted the support and found no NaN
+      const int64_t support = known_dense ? n : support_size_f32(b.p.data(), b.dy.data(), n, nan);
       if (!nan && sparse_support(support, n)) {
         const int64_t c = positions_above(b.p.data(), n, 0.0f, b.index.data());
         for (int64_t j = 0; j < c; ++j) {
@@ -225,13 +225,14 @@ struct BackwardRowScratch {
 template <typename scalar_t>
 typename AccType<scalar_t>::type backward_row_dispatch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n,
                                                        int64_t stride, typename AccType<scalar_t>::type alpha,
-                                                       bool alpha_grad, BackwardRowScratch<scalar_t>& s) {
+                                                       bool alpha_grad, BackwardRowScratch<scalar_t>& s,
+                                                       bool known_dense = false) {
   using acc_t = typename AccType<scalar_t>::type;
   if (std::is_same<acc_t, float>::value && alpha > acc_t(2)) {
     return static_cast<acc_t>(
         backward_row<scalar_t, double>(dy, y, dx, n, stride, static_cast<double>(alpha), alpha_grad, s.wide));
   }
-  return backward_row<scalar_t, acc_t>(dy, y, dx, n, stride, alpha, alpha_grad, s.acc);
+  return backward_row<scalar_t, acc_t>(dy, y, dx, n, stride, alpha, alpha_grad, s.acc, known_dense);
 }
 
 // ------------------------------------------------------------------ a batch of short rows
@@ -255,16 +256,18 @@ struct BackwardBatch {
 };
 
 // Compacts a row's support (positions into index[0, count), p and dy into column `lane`)
-// and returns its size; or returns
-// kPerRow if p or dy holds a NaN (the per-row path propagates it) or if the support is
-// more than half the row (the per-row vector loop is then cheaper than compacting).
+// and returns its size; or returns kPerRow if p or dy holds a NaN (the per-row path
+// propagates it), kDense if the support is more than half the row (the per-row vector loop
+// is then cheaper than compacting; the row is known NaN-free).
 constexpr int64_t kPerRow = -1;
+constexpr int64_t kDense = -2;
 
 inline int64_t load_support_f32(const float* p, const float* dy, int64_t n, int lane, float* p_col, float* dy_col,
                          int32_t* index) {
   bool nan = false;
   const int64_t support = support_size_f32(p, dy, n, nan);
-  if (nan || !sparse_support(support, n)) return kPerRow;
+  if (nan) return kPerRow;
+  if (!sparse_support(support, n)) return kDense;
   const int64_t c = positions_above(p, n, 0.0f, index);
   for (int64_t j = 0; j < c; ++j) {
     p_col[j * kBatchLanes + lane] = p[index[j]];
@@ -378,9 +381,9 @@ void backward_batch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, const f
       const float* dy_row = contiguous_float_row(dy + base[l], n, stride, bb.row_dy.data());
       c = load_support_f32(p_row, dy_row, n, l, bb.p.data(), bb.dy.data(), bb.index.data() + l * bb.index_stride);
     }
-    if (c == kPerRow) {
+    if (c == kPerRow || c == kDense) {
       dalpha[r] = backward_row_dispatch<scalar_t>(dy + base[l], y + base[l], dx + base[l], n, stride, alpha[r],
-                                                  alpha_grad, fallback);
+                                                  alpha_grad, fallback, c == kDense);
       continue;
     }
     solve[l] = true;
