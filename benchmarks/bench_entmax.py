@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/bench_entmax.py --device cuda           # everything on the GPU
     PYTHONPATH=. python benchmarks/bench_entmax.py --quick                 # 3 small shapes, alpha 1.5
 
-Methods: fused (entmax_cuda.entmax), softmax (torch.softmax), entmax_bisect50 / entmax_bisect25
+Methods: fused (entmax_cuda.entmax), fused_xgrad (the same, alpha without gradient: the backward
+forms the x-gradient alone), softmax (torch.softmax), entmax_bisect50 / entmax_bisect25
 (the `entmax` library's bisection), entmax15 (the library's exact sort-based 1.5-entmax, alpha 1.5
 only), reference50 (entmax_cuda.reference.entmax_bisect_reference, pure PyTorch, 50 steps),
 triton_entmax (AdaSplash, CUDA only, alpha 1.5 only, no alpha gradient). Optional baselines that
@@ -47,7 +48,8 @@ SHAPES = {
     "catalogue": ((512, 40841), -1, (512, 1), "catalogue-sized rows (Diginetica items), one alpha per row"),
 }
 ALPHAS = ["1.1", "1.5", "1.9", "rand"]
-METHODS = ["fused", "softmax", "entmax_bisect50", "entmax_bisect25", "entmax15", "reference50", "triton_entmax"]
+METHODS = ["fused", "fused_xgrad", "softmax", "entmax_bisect50", "entmax_bisect25", "entmax15", "reference50",
+           "triton_entmax"]
 SLOW = {"entmax_bisect50", "entmax_bisect25", "reference50", "entmax15"}
 QUICK_SHAPES = ["dsan-diginetica", "target-attention", "long-rows"]
 QUICK_ALPHAS = ["1.5"]
@@ -78,6 +80,9 @@ def build_methods(device):
     methods, unavailable = {}, {}
     entmax_cuda = common.import_entmax_cuda()
     methods["fused"] = Method("fused", lambda x, a, d: entmax_cuda.entmax(x, a, dim=d), True, label="fused entmax_cuda")
+    # the same op with alpha not requiring grad: the backward forms the x-gradient alone
+    methods["fused_xgrad"] = Method("fused_xgrad", lambda x, a, d: entmax_cuda.entmax(x, a, dim=d), False,
+                                    label="fused, x-grad only")
     methods["softmax"] = Method("softmax", lambda x, a, d: torch.softmax(x, dim=d), False, compare_alpha=1.0)
     try:
         import entmax as entmax_lib
@@ -240,15 +245,14 @@ def run_one(method, fused, shape_name, alpha, x, a, dy, dim, device, cfg, fused_
     rec["fwd_bwd"] = common.time_fn(fwd_bwd, device, first_time_s=first_fb, **reps)
     rec["peak_mb_fwd_bwd"] = common.measure_peak_memory(fwd_bwd, device)
 
-    if device.type == "cuda":
-        nbytes = x.numel() * x.element_size()
-        rec["bytes_fwd"] = 2 * nbytes  # read x, write y
-        rec["bytes_bwd"] = 3 * nbytes  # read y and dy, write dx
-        rec["gbs_fwd"] = rec["bytes_fwd"] / (rec["fwd"]["median_ms"] * 1e-3) / 1e9
-        rec["gbs_bwd"] = rec["bytes_bwd"] / (rec["bwd"]["median_ms"] * 1e-3) / 1e9
-        if cfg.copy_gbs:
-            rec["pct_copy_fwd"] = 100 * rec["gbs_fwd"] / cfg.copy_gbs
-            rec["pct_copy_bwd"] = 100 * rec["gbs_bwd"] / cfg.copy_gbs
+    nbytes = x.numel() * x.element_size()
+    rec["bytes_fwd"] = 2 * nbytes  # read x, write y
+    rec["bytes_bwd"] = 3 * nbytes  # read y and dy, write dx
+    rec["gbs_fwd"] = rec["bytes_fwd"] / (rec["fwd"]["median_ms"] * 1e-3) / 1e9
+    rec["gbs_bwd"] = rec["bytes_bwd"] / (rec["bwd"]["median_ms"] * 1e-3) / 1e9
+    if cfg.copy_gbs:
+        rec["pct_copy_fwd"] = 100 * rec["gbs_fwd"] / cfg.copy_gbs
+        rec["pct_copy_bwd"] = 100 * rec["gbs_bwd"] / cfg.copy_gbs
     del xg, ag
     return rec
 
@@ -291,7 +295,8 @@ def table(results, device):
                "fwd ×softmax", "bwd ×softmax", "f+b ×softmax", "fwd speed-up vs bisect(50)",
                "f+b speed-up vs bisect(50)"]
     if cuda:
-        headers += ["peak MB f+b", "fwd GB/s (% copy)", "bwd GB/s (% copy)"]
+        headers += ["peak MB f+b"]
+    headers += ["fwd GB/s (% copy)", "bwd GB/s (% copy)"]
     headers += ["check Δy / Δdx / Δdα"]
     rows = []
     for r in results:
@@ -302,9 +307,9 @@ def table(results, device):
                common.fmt(r.get("x_softmax_fwd_bwd")), common.fmt(r.get("speedup_bisect50_fwd")),
                common.fmt(r.get("speedup_bisect50_fwd_bwd"))]
         if cuda:
-            row += [common.fmt(r.get("peak_mb_fwd_bwd")),
-                    f"{common.fmt(r.get('gbs_fwd'))} ({common.fmt(r.get('pct_copy_fwd'), 2)}%)",
-                    f"{common.fmt(r.get('gbs_bwd'))} ({common.fmt(r.get('pct_copy_bwd'), 2)}%)"]
+            row += [common.fmt(r.get("peak_mb_fwd_bwd"))]
+        row += [f"{common.fmt(r.get('gbs_fwd'))} ({common.fmt(r.get('pct_copy_fwd'), 2)}%)",
+                f"{common.fmt(r.get('gbs_bwd'))} ({common.fmt(r.get('pct_copy_bwd'), 2)}%)"]
         row.append(_check_cell(r["check"]))
         rows.append(row)
     return common.markdown_table(headers, rows)
@@ -419,11 +424,10 @@ def main(argv=None):
     log = common.Progress()
 
     meta = common.metadata(device)
-    cfg.copy_gbs = None
-    if cuda:
-        cfg.copy_gbs = common.copy_bandwidth_gbs(device)
-        meta["copy_bandwidth_gbs"] = round(cfg.copy_gbs, 1)
-        log(f"{meta['device_name']}: device-to-device copy bandwidth {cfg.copy_gbs:.0f} GB/s (read + write)")
+    cfg.copy_gbs = common.copy_bandwidth_gbs(device)
+    meta["copy_bandwidth_gbs"] = round(cfg.copy_gbs, 1)
+    log(f"{meta['device_name']}: copy bandwidth {cfg.copy_gbs:.0f} GB/s (read + write, "
+        f"{torch.get_num_threads() if not cuda else 'device'} {'threads' if not cuda else ''})")
     methods, unavailable = build_methods(device)
     if "fused" not in wanted:
         wanted = ["fused"] + wanted  # needed for the correctness check

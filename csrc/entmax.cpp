@@ -17,7 +17,13 @@ STABLE_TORCH_LIBRARY(entmax_cuda, m) {
   // y = alpha-entmax(x) along dim; alpha holds one value per row
   // (x's shape with size 1 along dim).
   m.def("entmax_forward(Tensor x, Tensor alpha, int dim) -> Tensor");
-  // Returns (grad_x, grad_alpha_per_row) from the saved output y.
-  m.def("entmax_backward(Tensor grad_y, Tensor y, Tensor alpha, int dim) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_alpha_per_row) from the saved output y; with alpha_grad false
+  // the alpha-gradient is not computed (grad_alpha_per_row is zeros).
+  m.def("entmax_backward(Tensor grad_y, Tensor y, Tensor alpha, int dim, bool alpha_grad=True) -> (Tensor, Tensor)");
+  // Private, for the tests: the CUDA kernels' algorithms run on the CPU (cpu/gpu_twins.h);
+  // rows along the last dim; blocks_per_row: the cluster size a GPU would choose for long rows.
+  m.def("_gpu_twin_forward(Tensor x, Tensor alpha, int dim, int blocks_per_row) -> Tensor");
+  m.def("_gpu_twin_backward(Tensor grad_y, Tensor y, Tensor alpha, int dim, bool alpha_grad, int blocks_per_row)"
+        " -> (Tensor, Tensor)");
 }
 

@@ -16,6 +16,11 @@
 #endif
 
 namespace entmax_cuda {
+
+// Internal arithmetic: float for float/half/bfloat16, double for double.
+template <typename scalar_t> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
 namespace math {
 
 // float / double overloads of the special functions, usable on both sides.
@@ -27,6 +32,8 @@ ENTMAX_HD float exp_(float x) { return expf(x); }
 ENTMAX_HD double exp_(double x) { return exp(x); }
 ENTMAX_HD float expm1_(float x) { return expm1f(x); }
 ENTMAX_HD double expm1_(double x) { return expm1(x); }
+ENTMAX_HD float sqrt_(float x) { return sqrtf(x); }
+ENTMAX_HD double sqrt_(double x) { return sqrt(x); }
 
 template <typename T>
 ENTMAX_HD T abs_(T x) { return x < T(0) ? -x : x; }
@@ -37,6 +44,33 @@ template <typename T>
 ENTMAX_HD T quiet_nan() { return std::numeric_limits<T>::quiet_NaN(); }
 template <typename T>
 ENTMAX_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+constexpr double kLn2 = 0.69314718055994530942;
+
+// The special functions as a policy the formulas below take: LibMath calls the
+// platform's (libm on the host, CUDA's on the device); the CPU's vector loops pass
+// branch-free polynomials (cpu/vector_math.h) so that the same formulas vectorise.
+struct LibMath {
+  template <typename T> ENTMAX_HD static T log(T x) { return log_(x); }
+  template <typename T> ENTMAX_HD static T log1p(T x) { return log1p_(x); }
+  // log1p(a) given z = 1 + a (rounded) and inv_z = 1 / z, which a caller may have anyway.
+  template <typename T> ENTMAX_HD static T log1p(T a, T /*z*/, T /*inv_z*/) { return log1p_(a); }
+  template <typename T> ENTMAX_HD static T exp(T x) { return exp_(x); }
+  template <typename T> ENTMAX_HD static T expm1(T x) { return expm1_(x); }
+  // e = expm1(x) and z = exp(x) = 1 + e, each without cancellation: 1 + e rounds to 0
+  // once exp(x) is below half an ulp of 1 (an entry at the support edge for alpha > 2
+  // is p < 2^(-25/eps) in float: its gradient was NaN), and exp(x) - 1 loses e's
+  // digits near 0.
+  template <typename T> ENTMAX_HD static void expm1_exp(T x, T& e, T& z) {
+    if (x > T(-kLn2)) {
+      e = expm1_(x);
+      z = T(1) + e;
+    } else {
+      z = exp_(x);
+      e = z - T(1);
+    }
+  }
+};
 
 // Stopping rules of the root finder (section 3): once a Newton step is this
 // small (relative to max(1, |t|)) we are in the quadratic regime, take it and
@@ -50,12 +84,19 @@ template <typename T> struct Tolerance;
 template <> struct Tolerance<float> {
   static constexpr float series_limit = 1.0f;
   static constexpr float newton_switch = 3e-5f;
+  // step(): once |F - 1| is this small, the next step lands within `residual` (its error
+  // is about |F - 1|^2 after a Newton step, |F - 1|^3 after a Halley step): take it and
+  // evaluate once more.
+  static constexpr float newton_residual = 3e-5f;
+  static constexpr float halley_residual = 1e-3f;
   static constexpr float bracket = 4.8e-7f;   // 4 float32 ulps at 1
   static constexpr float residual = 2.4e-7f;  // 2 float32 ulps at 1
 };
 template <> struct Tolerance<double> {
   static constexpr double series_limit = 0.1;
   static constexpr double newton_switch = 1e-8;
+  static constexpr double newton_residual = 1e-8;
+  static constexpr double halley_residual = 1e-5;
   static constexpr double bracket = 1e-15;
   static constexpr double residual = 1e-14;
 };
@@ -64,10 +105,10 @@ constexpr int kMaxRootIterations = 50;
 
 // Upper end of the bracket for t* (section 2): (1 - d^-eps)/eps, ln d at eps=0.
 // d = number of entries that can be nonzero.
-template <typename T>
+template <typename T, typename M = LibMath>
 ENTMAX_HD T threshold_upper_bound(T eps, T d) {
-  const T log_d = log_(d);
-  return eps > T(0) ? -expm1_(-eps * log_d) / eps : log_d;
+  const T log_d = M::log(d);
+  return eps > T(0) ? -M::expm1(-eps * log_d) / eps : log_d;
 }
 
 // One entry at threshold t (section 2): p = [1 + eps (u - t)]_+^(1/eps),
@@ -90,16 +131,84 @@ ENTMAX_HD EntryAtT<T> entry_at_t(T u, T t, T eps, T inv_eps) {
   return e;
 }
 
+// How p depends on z = 1 + eps (u - t) in a row: the general exp(log1p(a) / eps), or the
+// closed forms of section 8 that need no special function (alpha 1.5: z^2, alpha 2: z),
+// or softmax (alpha 1: exp(u - t)). One value per row, chosen once.
+enum class EntryForm : int { kSoftmax, kSquare, kLinear, kGeneral };
+
+template <typename T>
+ENTMAX_HD EntryForm entry_form(T eps) {
+  if (eps == T(0)) return EntryForm::kSoftmax;
+  if (eps == T(0.5)) return EntryForm::kSquare;
+  if (eps == T(1)) return EntryForm::kLinear;
+  return EntryForm::kGeneral;
+}
+
+// The derivatives the root finder needs, summed over a row at one threshold t:
+// F = sum p, dF = F' = -sum p/z, d2F = F'' = (1 - eps) sum p/z^2 (section 3).
+template <typename T>
+struct RootSums {
+  T F, dF, d2F;
+  ENTMAX_HD void zero() { F = dF = d2F = T(0); }
+  ENTMAX_HD void add(T p, T p_over_z, T curvature) { F += p; dF -= p_over_z; d2F += curvature; }
+  ENTMAX_HD RootSums operator+(const RootSums& o) const { return {F + o.F, dF + o.dF, d2F + o.d2F}; }
+};
+
+// One entry at threshold t in the row's form: p, p/z and (1 - eps) p/z^2.
+template <typename T>
+struct EntryTerms {
+  T p, p_over_z, curvature;
+};
+
+// Branch-free (selects only), so that CPU loops over entries vectorise; kernels that
+// can skip whole groups of entries outside the support test a > -1 themselves.
+template <typename T, typename M = LibMath>
+ENTMAX_HD EntryTerms<T> entry_terms(T u, T t, T eps, T inv_eps, EntryForm form) {
+  if (form == EntryForm::kSoftmax) {
+    const T p = M::exp(u - t);
+    return {p, p, p};
+  }
+  const T a = eps * (u - t);
+  const bool inside = a > T(-1);
+  const T a_in = inside ? a : T(0);  // keeps log1p away from arguments <= -1
+  const T z = T(1) + a_in;
+  T p, p_over_z, curvature;
+  if (form == EntryForm::kSquare) {
+    p = z * z; p_over_z = z; curvature = T(0.5);
+  } else if (form == EntryForm::kLinear) {
+    p = z; p_over_z = T(1); curvature = T(0);
+  } else {
+    const T inv_z = T(1) / z;
+    p = M::exp(M::log1p(a_in, z, inv_z) * inv_eps);
+    p_over_z = p * inv_z;
+    curvature = (T(1) - eps) * p_over_z * inv_z;
+  }
+  return {inside ? p : T(0), inside ? p_over_z : T(0), inside ? curvature : T(0)};
+}
+
+// A starting point for the root finder from two sums over the candidates (no special
+// function per entry): with c candidates of mean u_bar, Jensen's inequality on the convex
+// z^(1/eps) (0 < eps <= 1) gives F(t_J) >= 1 at t_J = u_bar + (1 - c^-eps)/eps, so t_J <= t*.
+// Counting again only the entries above t_J - 1/eps (the others are zero at every t >= t_J)
+// raises the bound; at eps = 1 (sparsemax) a few rounds reach t* exactly.
+template <typename T, typename M = LibMath>
+ENTMAX_HD T jensen_lower_bound(T sum_u, T count, T eps) {
+  return count > T(0) ? sum_u / count + threshold_upper_bound<T, M>(eps, count) : T(0);
+}
+// Jensen's bound holds for 0 < eps <= 1 only (for eps > 1 z^(1/eps) is concave).
+template <typename T>
+ENTMAX_HD bool jensen_applies(T eps) { return eps > T(0) && eps <= T(1); }
+constexpr int kJensenRounds = 2;  // the bound from all candidates, then one recount
+
 // Safeguarded Newton iteration on g(t) = log F(t), F(t) = sum_i p_i(t)
 // (section 3). Log-space Newton is exact for softmax and needs 3-8 steps
 // for alpha in (1, 3]; the bracket [lo, hi] keeps every step safe.
-// Usage:
-//   RootFinder<T> rf(hi, eps);
-//   for (int it = 0;; ++it) {
-//     evaluate F, dF (= -sum p/z) at rf.t;
-//     if (rf.update(F, dF) || it + 1 >= kMaxRootIterations) break;
-//   }
-// and the entries evaluated last are the answer (normalised by F).
+// Usage (update): evaluate F, dF (= -sum p/z) at rf.t, then rf.update(F, dF)
+// until it returns true or kMaxRootIterations is reached; the entries evaluated
+// last are the answer (normalised by F).
+// step(RootSums) is the same iteration with Halley's correction (it also needs F'')
+// and its own bookkeeping (F of the last evaluation, done, the iteration cap); the
+// kernels drive it through find_thresholds below.
 // For alpha > 2 (eps > 1) f' is unbounded at the support edges, so a small
 // Newton step says nothing about the distance to the root there: only the
 // residual and the bracket end the iteration.
@@ -108,9 +217,21 @@ struct RootFinder {
   T lo, hi, t;
   bool last;
   bool trust_small_step;
+  T F = T(0);             // sum p at t, from the last evaluation given to step()
+  bool done = false;      // step() returned true: t and F belong to the last evaluation
+  bool single = false;    // softmax (eps = 0): the first evaluation is the answer
+  bool log_space = true;  // step() iterates on log F (else on F - 1)
+  int iterations = 0;
 
   ENTMAX_HD RootFinder(T upper, T eps)
-      : lo(T(0)), hi(upper), t(T(0)), last(false), trust_small_step(eps <= T(1)) {}
+      : lo(T(0)), hi(upper), t(T(0)), last(false), trust_small_step(eps <= T(1)), single(eps == T(0)),
+        log_space(eps <= T(0.5)) {}
+  // Starting at `start` (a lower bound such as jensen_lower_bound; the bracket stays [0, upper]).
+  ENTMAX_HD RootFinder(T upper, T eps, T start) : RootFinder(upper, eps) {
+    t = start > T(0) && start < upper ? start : T(0);
+  }
+  // Default: a finished row with nothing to solve (masked, NaN, or outside this lockstep pass).
+  ENTMAX_HD RootFinder() : RootFinder(T(0), T(1)) { done = true; }
 
   // Returns true when the evaluation just done at t is the final one.
   ENTMAX_HD bool update(T F, T dF) {
@@ -128,7 +249,86 @@ struct RootFinder {
     t = next;
     return false;
   }
+
+  // The iteration of update() with Halley's correction, on g = log F for rows near
+  // softmax (eps <= 1/2; exact for softmax) and on g = F - 1 closer to sparsemax (F is
+  // piecewise linear at eps = 1, where log F would cost a step): step
+  // -2 g g' / (2 g'^2 - g g''), taken only while it is at most twice Newton's in the same
+  // direction (F'' is singular at the support edge for alpha > 1.5; then Newton). Ends on
+  // the residual rather than the step size. Returns true (and keeps t) once the
+  // evaluation at t is final; also after kMaxRootIterations evaluations.
+  template <typename M = LibMath>
+  ENTMAX_HD bool step(const RootSums<T>& s) {
+    F = s.F;
+    ++iterations;
+    const T residual = abs_(F - T(1));
+    if (single || last || residual <= Tolerance<T>::residual || !(F > T(0)) || !(s.dF < T(0)) ||
+        iterations >= kMaxRootIterations) {
+      return done = true;
+    }
+    if (F > T(1)) lo = t; else hi = t;
+    T g, g1, g2;
+    if (log_space) {
+      g = M::log(F);
+      g1 = s.dF / F;
+      g2 = s.d2F / F - g1 * g1;
+    } else {
+      g = F - T(1);
+      g1 = s.dF;
+      g2 = s.d2F;
+    }
+    const T halley_den = T(2) * g1 * g1 - g * g2;
+    const bool halley = halley_den > g1 * g1;  // false for NaN too
+    T next = halley ? t - T(2) * g * g1 / halley_den : t - g / g1;
+    const bool inside = next > lo && next < hi;
+    if (!inside) next = (lo + hi) * T(0.5);
+    const T final_residual = halley ? Tolerance<T>::halley_residual : Tolerance<T>::newton_residual;
+    if ((inside && trust_small_step && residual <= final_residual) ||
+        (hi - lo) <= Tolerance<T>::bracket * max_(T(1), abs_(next))) {
+      last = true;
+    }
+    if (next == t) return done = true;  // no representable progress left
+    t = next;
+    return false;
+  }
 };
+
+// The root-finding loop, the one copy every kernel runs (CPU rows, a batch of rows in
+// SIMD lanes, a CUDA warp group, a block, a cluster of blocks):
+//   evaluate(rf, sums): sums[l] of row l at rf[l].t, for every l (finished rows too: the
+//                       same t gives the same sums, so a finished row's last evaluation
+//                       stays its answer);
+//   all_done(done):     whether every row of a lockstep team is finished (a warp whose
+//                       groups solve different rows must keep iterating together).
+// Rows start finished where there is nothing to solve (a default-constructed RootFinder).
+//   M: the math policy of the finder's own log (LibMath; the CPU's vector loops pass theirs).
+template <typename T, int L, typename M = LibMath, typename Evaluate, typename AllDone>
+ENTMAX_HD void find_thresholds(RootFinder<T> (&rf)[L], Evaluate&& evaluate, AllDone&& all_done) {
+  bool done = true;
+  for (int l = 0; l < L; ++l) done = done && rf[l].done;
+  while (!all_done(done)) {
+    RootSums<T> sums[L];
+    evaluate(rf, sums);
+    done = true;
+    for (int l = 0; l < L; ++l) {
+      if (!rf[l].done) rf[l].template step<M>(sums[l]);
+      done = done && rf[l].done;
+    }
+  }
+}
+
+// Every row on its own (no lockstep team).
+struct EachRowAlone {
+  ENTMAX_HD bool operator()(bool done) const { return done; }
+};
+
+// One row: evaluate_at(t) -> RootSums<T>.
+template <typename T, typename EvaluateAt, typename AllDone = EachRowAlone>
+ENTMAX_HD void find_threshold(RootFinder<T>& rf, EvaluateAt&& evaluate_at, AllDone&& all_done = AllDone()) {
+  RootFinder<T> one[1] = {rf};
+  find_thresholds(one, [&](RootFinder<T> (&r)[1], RootSums<T> (&s)[1]) { s[0] = evaluate_at(r[0].t); }, all_done);
+  rf = one[0];
+}
 
 // ---------------------------------------------------------------- backward
 //
@@ -187,31 +387,76 @@ ENTMAX_HD T support_weight(T p, T eps) {
   return eps == T(0) ? p : p * exp_(-eps * log_(p));
 }
 
+// g in the row's form (section 8: alpha 1.5 needs a square root, alpha 2 nothing);
+// branch-free, for p on the support.
+template <typename T, typename M = LibMath>
+ENTMAX_HD T support_weight_general(T p, T eps) {
+  T e, z;
+  M::expm1_exp(eps * M::log(p), e, z);
+  return p / z;
+}
+
+template <typename T, typename M = LibMath>
+ENTMAX_HD T support_weight_in_form(T p, T eps, EntryForm form) {
+  switch (form) {
+    case EntryForm::kSoftmax: return p;
+    case EntryForm::kSquare: return sqrt_(p);
+    case EntryForm::kLinear: return T(1);
+    default: return support_weight_general<T, M>(p, eps);
+  }
+}
+
+// The terms of one support entry for eps > 0, with l = ln p, x = eps l, e = expm1(x),
+// z = exp(x) = p^eps (LibMath::expm1_exp):
+//   g = p^(1-eps) = p / z,  w = e / eps,  v = expm1(-x)/eps = -w / z,
+//   r = (e - x)/eps^2 (its series for |x| < series_limit).
+template <typename T>
+struct BackwardTerms {
+  T g, l, w, v, r;
+};
+
+template <typename T, typename M = LibMath>
+ENTMAX_HD BackwardTerms<T> backward_terms(T p, T eps, T inv_eps) {
+  BackwardTerms<T> b;
+  b.l = M::log(p);
+  const T x = eps * b.l;
+  T e, z;
+  M::expm1_exp(x, e, z);
+  b.g = p / z;
+  b.w = e * inv_eps;
+  b.v = -b.w / z;
+  const T r_series = b.l * b.l * T(0.5) * expm1_minus_x_ratio(x);
+  const T r_direct = (e - x) * (inv_eps * inv_eps);
+  b.r = abs_(x) < Tolerance<T>::series_limit ? r_series : r_direct;
+  return b;
+}
+
+// alpha = 1 (eps = 0): the limits of the terms above.
+template <typename T, typename M = LibMath>
+ENTMAX_HD BackwardTerms<T> backward_terms_softmax(T p) {
+  const T l = M::log(p);
+  return {p, l, l, -l, l * l * T(0.5)};
+}
+
+template <typename T>
+ENTMAX_HD void add_backward_terms(T p, T dy, const BackwardTerms<T>& b, BackwardSums<T>& s) {
+  s.g += b.g;
+  s.g_dy += b.g * dy;
+  s.p_l += p * b.l;
+  s.p_v += p * b.v;
+  s.p_v_l += p * b.v * b.l;
+  s.g_w += b.g * b.w;
+  s.g_r += b.g * b.r;
+  s.dy_g_rwl += dy * b.g * (b.r - b.w * b.l);
+}
+
 // Adds entry (p, dy) to the sums; returns its g.
 template <typename T>
 ENTMAX_HD T accumulate_backward_entry(T p, T dy, T eps, BackwardSums<T>& s) {
   if (!on_support(p)) return T(0);
-  const T l = log_(p);
-  const T x = eps * l;
-  T g, w, v, r;
-  if (eps == T(0)) {
-    g = p; w = l; v = -l; r = l * l * T(0.5);
-  } else {
-    const T e = expm1_(x);
-    g = p / (T(1) + e);
-    w = e / eps;
-    v = -w / (T(1) + e);
-    r = abs_(x) < Tolerance<T>::series_limit ? l * l * T(0.5) * expm1_minus_x_ratio(x) : (e - x) / (eps * eps);
-  }
-  s.g += g;
-  s.g_dy += g * dy;
-  s.p_l += p * l;
-  s.p_v += p * v;
-  s.p_v_l += p * v * l;
-  s.g_w += g * w;
-  s.g_r += g * r;
-  s.dy_g_rwl += dy * g * (r - w * l);
-  return g;
+  const BackwardTerms<T> b = eps == T(0) ? backward_terms_softmax(p) : backward_terms(p, eps, T(1) / eps);
+  add_backward_terms(p, dy, b, s);
+  return b.g;
 }
 
 // q = sum g dy / sum g (0 for an empty support: all -inf rows get zero gradient).

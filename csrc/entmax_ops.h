@@ -1,6 +1,8 @@
 // Argument checks and row layout shared by the CPU and CUDA launchers.
 #pragma once
 
+#include "entmax_math.h"
+
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -74,6 +76,14 @@ inline RowLayout row_layout(const Tensor& x, int64_t dim) {
   return l;
 }
 
+// The kernels index a row's entries with 32-bit integers.
+constexpr int64_t kMaxRowLength = 2147483647;
+
+inline void check_row_length(const RowLayout& l) {
+  ENTMAX_CHECK(l.n <= kMaxRowLength, "entmax: rows of ", l.n, " entries are longer than the supported ",
+               kMaxRowLength);
+}
+
 inline bool is_supported_float(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
          t == ScalarType::BFloat16;
@@ -98,10 +108,6 @@ inline void check_rows_tensor(const Tensor& x, const Tensor& a, int64_t dim, con
   ENTMAX_CHECK(a.device().type() == x.device().type() && a.get_device_index() == x.get_device_index(), "entmax: ", what, " is on another device than x");
 }
 
-// Internal arithmetic: float for float/half/bfloat16, double for double.
-template <typename scalar_t> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
-
 // Calls f(scalar_t{}) for x's floating dtype.
 template <typename F>
 void dispatch_float_types(ScalarType t, const F& f) {
@@ -125,6 +131,40 @@ inline void check_backward_args(const Tensor& dy, const Tensor& y, const Tensor&
   ENTMAX_CHECK(dy.scalar_type() == y.scalar_type(), "entmax_backward: grad and output dtypes differ");
   ENTMAX_CHECK(dy.sizes().equals(y.sizes()), "entmax_backward: grad and output shapes differ");
   check_rows_tensor(y, alpha, dim, "alpha");
+}
+
+// The CPU ops' arguments, checked, made contiguous, with the outputs allocated
+// (dalpha zeroed for empty inputs, which no kernel touches).
+struct ForwardCall {
+  Tensor x, alpha, y;
+  RowLayout layout;
+};
+
+inline ForwardCall forward_call(const Tensor& x_in, const Tensor& alpha_in, int64_t dim) {
+  check_input(x_in, "x");
+  dim = wrap_dim(dim, x_in.dim());
+  check_rows_tensor(x_in, alpha_in, dim, "alpha");
+  const Tensor x = torch::stable::contiguous(x_in);
+  ForwardCall call{x, torch::stable::contiguous(alpha_in), torch::stable::empty_like(x), row_layout(x, dim)};
+  check_row_length(call.layout);
+  return call;
+}
+
+struct BackwardCall {
+  Tensor dy, y, alpha, dx, dalpha;
+  RowLayout layout;
+};
+
+inline BackwardCall backward_call(const Tensor& dy_in, const Tensor& y_in, const Tensor& alpha_in, int64_t dim) {
+  dim = wrap_dim(dim, y_in.dim());
+  check_backward_args(dy_in, y_in, alpha_in, dim);
+  const Tensor y = torch::stable::contiguous(y_in);
+  const Tensor alpha = torch::stable::contiguous(alpha_in);
+  BackwardCall call{torch::stable::contiguous(dy_in), y, alpha, torch::stable::empty_like(y),
+                    torch::stable::empty_like(alpha), row_layout(y, dim)};
+  check_row_length(call.layout);
+  if (y.numel() == 0) torch::stable::zero_(call.dalpha);
+  return call;
 }
 
 }  // namespace

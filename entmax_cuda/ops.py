@@ -19,7 +19,7 @@ def _entmax_forward_fake(x, alpha, dim):
 
 
 @torch.library.register_fake("entmax_cuda::entmax_backward")
-def _entmax_backward_fake(grad_y, y, alpha, dim):
+def _entmax_backward_fake(grad_y, y, alpha, dim, alpha_grad=True):
     return (
         torch.empty_like(y, memory_format=torch.contiguous_format),
         torch.empty_like(alpha, memory_format=torch.contiguous_format),
@@ -34,7 +34,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     y, alpha = ctx.saved_tensors
-    grad_x, grad_alpha = backward_op(grad_y, y, alpha, ctx.dim)
+    # the alpha-gradient (six more sums per row and two special functions per entry) only when asked for
+    grad_x, grad_alpha = backward_op(grad_y, y, alpha, ctx.dim, ctx.needs_input_grad[1])
     if not ctx.needs_input_grad[0]:
         grad_x = None
     if not ctx.needs_input_grad[1]:

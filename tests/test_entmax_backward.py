@@ -172,6 +172,110 @@ def test_float32_alpha_gradient_of_long_rows_matches_float64(device, n, alpha):
                                rtol=GRAD_RTOL[torch.float32], atol=ATOL[torch.float32])
 
 
+# ------------------------------------------------------------------ the support edge for alpha > 2
+
+def _rows_with_an_entry_at_the_support_edge(alpha: float, edge_ps) -> torch.Tensor:
+    """float64 rows [0, u_edge, u_mid, -5] whose second entry gets p = edge_p (before rounding
+    to float32): with p_1 = 1 - edge_p - p_mid known, t and each u follow from p = z^(1/eps)."""
+    eps = alpha - 1
+    rows = []
+    for edge_p in edge_ps:
+        p_mid = 0.25
+        p_top = 1 - edge_p - p_mid
+        t = (1 - p_top**eps) / eps
+        u_of = lambda p: t + (p**eps - 1) / eps  # noqa: E731
+        rows.append([0.0, u_of(edge_p), u_of(p_mid), -5.0])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+EDGE_PS = [1e-2, 1e-4, 1e-6, 3e-8]
+
+
+@pytest.mark.parametrize("alpha", [2.1, 2.5, 3.0])
+def test_float32_gradients_at_the_support_edge_match_float64(device, alpha):
+    # An entry with 0 < p < 2^(-25/(alpha-1)) once made 1 + expm1((alpha-1) ln p) round to 0
+    # in float32: NaN gradients for x and alpha (and for an alpha shared with other rows).
+    x = _rows_with_an_entry_at_the_support_edge(alpha, EDGE_PS).to(torch.float32)
+    dy = _scores(x.shape, 1.0, torch.float64, "cpu").to(torch.float32)
+    a32 = alpha_as_kernel_sees_it(alpha, torch.float32).item()  # the same alpha in both runs
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        xd = x.detach().clone().to(dtype).to(device).requires_grad_()  # a fresh leaf per dtype
+        rows = torch.full((len(EDGE_PS), 1), a32, dtype=dtype, device=device, requires_grad=True)
+        shared = torch.tensor(a32, dtype=dtype, device=device, requires_grad=True)
+        y = entmax_cuda.entmax(xd, rows)
+        assert (y[:, 1] > 0).all()  # the edge entries stay on the support
+        (y * dy.to(dtype).to(device)).sum().backward()
+        (entmax_cuda.entmax(xd.detach(), shared) * dy.to(dtype).to(device)).sum().backward()
+        grads[dtype] = [g.detach().cpu().double() for g in (xd.grad, rows.grad, shared.grad)]
+    dx32, da32, shared32 = grads[torch.float32]
+    dx64, da64, shared64 = grads[torch.float64]
+    assert torch.isfinite(dx32).all() and torch.isfinite(da32).all() and torch.isfinite(shared32)
+    torch.testing.assert_close(dx32, dx64, rtol=GRAD_RTOL[torch.float32], atol=ATOL[torch.float32])
+    torch.testing.assert_close(da32, da64, rtol=ALPHA_GRAD_RTOL_FLOAT32, atol=ATOL[torch.float32])
+    torch.testing.assert_close(shared32, shared64, rtol=ALPHA_GRAD_RTOL_FLOAT32, atol=ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("alpha_grad", [True, False])
+@pytest.mark.parametrize("alpha", [2.1, 2.5, 3.0])
+def test_float32_backward_op_at_the_support_edge_matches_the_float64_reference(device, alpha, alpha_grad):
+    # The backward alone, from the same float32 output: float32 rows with alpha > 2 run in double.
+    x = _rows_with_an_entry_at_the_support_edge(alpha, EDGE_PS).to(torch.float32).to(device)
+    y = entmax_cuda.entmax(x, alpha)
+    dy = _scores(x.shape, 1.0, torch.float32, device)
+    dx, da = backward_op(dy, y, _rows_alpha(x, alpha), -1, alpha_grad)
+    a64 = alpha_as_kernel_sees_it(alpha, torch.float32)
+    dx_ref, da_ref = entmax_reference_backward(y.cpu().double(), dy.cpu().double(), a64, -1, "stable")
+    torch.testing.assert_close(dx.cpu().double(), dx_ref, rtol=GRAD_RTOL[torch.float32], atol=ATOL[torch.float32])
+    if alpha_grad:
+        torch.testing.assert_close(da.cpu().double(), da_ref, rtol=ALPHA_GRAD_RTOL_FLOAT32, atol=ATOL[torch.float32])
+    else:
+        assert torch.equal(da, torch.zeros_like(da))
+
+
+def test_the_issue_reproduction_has_finite_gradients(device):
+    x = torch.tensor([0.0, -0.49999], device=device, requires_grad=True)
+    a = torch.tensor(3.0, device=device, requires_grad=True)
+    entmax_cuda.entmax(x, a).backward(torch.tensor([1.0, 0.0], device=device))
+    x64 = x.detach().double().requires_grad_()
+    a64 = a.detach().double().requires_grad_()
+    entmax_cuda.entmax(x64, a64).backward(torch.tensor([1.0, 0.0], dtype=torch.float64, device=device))
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=GRAD_RTOL[torch.float32], atol=ATOL[torch.float32])
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=ALPHA_GRAD_RTOL_FLOAT32, atol=ATOL[torch.float32])
+
+
+# ------------------------------------------------------------------ the x-gradient alone
+
+@pytest.mark.parametrize("alpha", [1.0, 1.1, 1.5, 2.0, 2.5])
+@pytest.mark.parametrize("n", [70, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_without_alpha_gradient_gives_the_same_x_gradient_and_zeros(device, dtype, n, alpha):
+    x = _scores((6, n), 3.0, dtype, device)
+    y = entmax_cuda.entmax(x, alpha)
+    dy = _scores((6, n), 1.0, dtype, device)
+    dx_full, _ = backward_op(dy, y, _rows_alpha(x, alpha), -1, True)
+    dx, da = backward_op(dy, y, _rows_alpha(x, alpha), -1, False)
+    assert torch.equal(da, torch.zeros_like(da))
+    torch.testing.assert_close(dx, dx_full, rtol=GRAD_RTOL[dtype], atol=ATOL[dtype])
+
+
+def test_autograd_asks_for_the_alpha_gradient_only_when_alpha_requires_it(device, monkeypatch):
+    from entmax_cuda import ops
+
+    calls = []
+    real = ops.backward_op
+
+    def spy(*args):
+        calls.append(args[4])
+        return real(*args)
+
+    monkeypatch.setattr(ops, "backward_op", spy)
+    x = _scores((3, 20), 2.0, torch.float32, device).requires_grad_()
+    entmax_cuda.entmax(x, torch.full((3, 1), 1.5, device=device)).sum().backward()
+    entmax_cuda.entmax(x, torch.full((3, 1), 1.5, device=device, requires_grad=True)).sum().backward()
+    assert calls == [False, True]
+
+
 # ------------------------------------------------------------------ alpha forms
 
 def _reference_grads(x, alpha, dy, dim):

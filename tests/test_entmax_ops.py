@@ -49,6 +49,7 @@ def test_opcheck_backward(device, dtype):
         y = forward(x, alpha, dim)
         dy = torch.randn_like(y)
         torch.library.opcheck(backward, (dy, y, alpha, dim))
+        torch.library.opcheck(backward, (dy, y, alpha, dim, False))  # the x-gradient alone
         if y.dim() == 2:  # a strided grad_output
             dy_strided = torch.randn(y.shape[1], y.shape[0], dtype=y.dtype, device=device).t()
             torch.library.opcheck(backward, (dy_strided, y, alpha, dim))

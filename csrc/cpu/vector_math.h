@@ -11,6 +11,8 @@ namespace vmath {
 inline float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
 inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
+constexpr float kMinNormal = 1.17549435e-38f;
+
 // exp(x) for x <= 88; 0 below -87.3 (where float32 would go subnormal).
 inline float exp_f32(float x_in) {
   const float lo = x_in < -87.3f ? -87.3f : x_in;
@@ -33,8 +35,10 @@ inline float exp_f32(float x_in) {
   return x_in < -87.3f ? 0.0f : result;
 }
 
-// log(x) for normal x > 0.
-inline float log_f32(float x) {
+// log(x) for x > 0; a subnormal x is scaled into the normal range first.
+inline float log_f32(float x_in) {
+  const bool tiny = x_in < kMinNormal;
+  const float x = tiny ? x_in * 8388608.0f : x_in;  // * 2^23
   const uint32_t bits = float_to_bits(x);
   int32_t e = static_cast<int32_t>(bits >> 23) - 127;
   float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
@@ -56,19 +60,26 @@ inline float log_f32(float x) {
   const float ef = static_cast<float>(e);
   y += ef * -2.12194440e-4f;
   y += -0.5f * z;
-  return f + y + ef * 0.693359375f;
+  const float result = f + y + ef * 0.693359375f;
+  return tiny ? result - 15.9423851528787421f : result;  // undo the scaling: - 23 ln 2
 }
 
 // log1p(a) for a > -1: log(1 + a) with the rounding of 1 + a corrected
-// (so that tiny a keep their digits).
-inline float log1p_f32(float a) {
-  const float z1 = 1.0f + a;
-  const float z = z1 < 1.17549435e-38f ? 1.17549435e-38f : z1;
-  return log_f32(z) - ((z - 1.0f) - a) / z;
+// (so that tiny a keep their digits), given z = 1 + a and inv_z = 1 / z.
+inline float log1p_f32(float a, float z, float inv_z) {
+  return log_f32(z) - ((z - 1.0f) - a) * inv_z;
 }
 
-// expm1(x) for x <= 88: Taylor series where |x| < 0.5 (no cancellation), exp(x) - 1 elsewhere.
-inline float expm1_f32(float x) {
+inline float log1p_f32(float a) {
+  const float z1 = 1.0f + a;
+  const float z = z1 < kMinNormal ? kMinNormal : z1;
+  return log1p_f32(a, z, 1.0f / z);
+}
+
+// e = expm1(x) and z = exp(x) for x <= 88, each without cancellation (the contract of
+// math::LibMath::expm1_exp): e from its Taylor series where |x| < 0.5, exp(x) - 1
+// elsewhere; z = 1 + e above -ln 2, exp(x) below.
+inline void expm1_exp_f32(float x, float& e, float& z) {
   float y = 1.0f / 40320;
   y = y * x + 1.0f / 5040;
   y = y * x + 1.0f / 720;
@@ -77,10 +88,27 @@ inline float expm1_f32(float x) {
   y = y * x + 1.0f / 6;
   y = y * x + 0.5f;
   y = y * x * x + x;
-  const float big = exp_f32(x) - 1.0f;
+  const float ex = exp_f32(x);
   const bool small = x > -0.5f && x < 0.5f;
-  return small ? y : big;
+  e = small ? y : ex - 1.0f;
+  z = x > -0.693147181f ? 1.0f + e : ex;
 }
+
+inline float expm1_f32(float x) {
+  float e, z;
+  expm1_exp_f32(x, e, z);
+  return e;
+}
+
+// The math policy of entmax_math.h's formulas for the float vector loops.
+struct VectorMath {
+  static float log(float x) { return log_f32(x); }
+  static float log1p(float x) { return log1p_f32(x); }
+  static float log1p(float a, float z, float inv_z) { return log1p_f32(a, z, inv_z); }
+  static float exp(float x) { return exp_f32(x); }
+  static float expm1(float x) { return expm1_f32(x); }
+  static void expm1_exp(float x, float& e, float& z) { expm1_exp_f32(x, e, z); }
+};
 
 }  // namespace vmath
 }  // namespace entmax_cuda

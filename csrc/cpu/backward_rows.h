@@ -1,0 +1,422 @@
+// CPU backward of alpha-entmax (sections 4 and 5): dX, and dalpha when alpha needs a
+// gradient (otherwise only sum g and sum g dy are formed), two ways as the forward:
+//  - one row at a time, the row in vector loops;
+//  - kBatchLanes short float rows at a time, one row per SIMD lane, over each row's
+//    support only (the entries with p > 0: a few of a DSAN row at alpha >= 1.5).
+#pragma once
+
+#include "../entmax_math.h"
+#include "cpu_common.h"
+#include "forward_rows.h"
+#include "vector_math.h"
+
+#include <type_traits>
+#include <vector>
+
+namespace entmax_cuda {
+namespace cpu {
+namespace {
+
+using namespace entmax_cuda::math;
+using vmath::VectorMath;
+
+// ------------------------------------------------------------------ one row
+
+// The backward sums of one float row, 0 < eps <= 1 (backward_terms, vectorised): writes g,
+// fills `out`. Returns false if the row holds a NaN (the caller then takes the scalar
+// path, which propagates it).
+ENTMAX_CPU_CLONES
+bool backward_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, float eps, BackwardSums<double>& out) {
+  out.zero();
+  int nan = 0;
+  const float inv_eps = 1.0f / eps;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    float s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_v = 0, s_p_v_l = 0, s_g_w = 0, s_g_r = 0, s_dy_g_rwl = 0;
+#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_v, s_p_v_l, s_g_w, s_g_r, s_dy_g_rwl) reduction(| : nan)
+    for (int64_t k = k0; k < k1; ++k) {
+      const float pk = p[k], d = dy[k];
+      nan |= (pk != pk) | (d != d);
+      const bool on = pk > 0.0f;
+      const float mask = on ? 1.0f : 0.0f;  // a factor, not selects (see batch_sums_f32_in_form)
+      BackwardTerms<float> b = backward_terms<float, VectorMath>(on ? pk : 1.0f, eps, inv_eps);
+      b.g *= mask;
+      const float pv = pk * b.v * mask;
+      g_out[k] = b.g;
+      s_g += b.g;
+      s_g_dy += b.g * d;
+      s_p_l += pk * b.l * mask;
+      s_p_v += pv;
+      s_p_v_l += pv * b.l;
+      s_g_w += b.g * b.w;
+      s_g_r += b.g * b.r;
+      s_dy_g_rwl += d * b.g * (b.r - b.w * b.l);
+    }
+    out.g += s_g; out.g_dy += s_g_dy; out.p_l += s_p_l; out.p_v += s_p_v;
+    out.p_v_l += s_p_v_l; out.g_w += s_g_w; out.g_r += s_g_r; out.dy_g_rwl += s_dy_g_rwl;
+  }
+  return nan == 0;
+}
+
+// g alone, and sum g, sum g dy, of one float row (x-gradient only), 0 < eps <= 1.
+template <EntryForm kForm>
+inline bool weight_sums_f32_in_form(const float* p, const float* dy, float* g_out, int64_t n, float eps,
+                                    double& sum_g, double& sum_g_dy) {
+  int nan = 0;
+  sum_g = sum_g_dy = 0;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    float s_g = 0, s_g_dy = 0;
+#pragma omp simd reduction(+ : s_g, s_g_dy) reduction(| : nan)
+    for (int64_t k = k0; k < k1; ++k) {
+      const float pk = p[k], d = dy[k];
+      nan |= (pk != pk) | (d != d);
+      const bool on = pk > 0.0f;
+      const float g = on ? support_weight_in_form<float, VectorMath>(on ? pk : 1.0f, eps, kForm) : 0.0f;
+      g_out[k] = g;
+      s_g += g;
+      s_g_dy += g * d;
+    }
+    sum_g += s_g;
+    sum_g_dy += s_g_dy;
+  }
+  return nan == 0;
+}
+
+ENTMAX_CPU_CLONES
+bool weight_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, float eps, double& sum_g,
+                     double& sum_g_dy) {
+  switch (entry_form(eps)) {
+    case EntryForm::kSquare: return weight_sums_f32_in_form<EntryForm::kSquare>(p, dy, g_out, n, eps, sum_g, sum_g_dy);
+    case EntryForm::kLinear: return weight_sums_f32_in_form<EntryForm::kLinear>(p, dy, g_out, n, eps, sum_g, sum_g_dy);
+    default: return weight_sums_f32_in_form<EntryForm::kGeneral>(p, dy, g_out, n, eps, sum_g, sum_g_dy);
+  }
+}
+
+// The sums of a float row entry by entry (alpha = 1 exactly, or a row holding a NaN,
+// which then propagates): float terms, float partial sums over kSumChunk entries flushed
+// into double, as in the vector loop. (Summed in float alone, a row of 50k entries at
+// alpha = 1 lost 4e-5 of its alpha-gradient.)
+BackwardSums<double> backward_sums_scalar_f32(const float* p, const float* dy, float* g, int64_t n, float eps,
+                                              bool alpha_grad) {
+  BackwardSums<double> total;
+  total.zero();
+  const EntryForm form = entry_form(eps);
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    BackwardSums<float> part;
+    part.zero();
+    for (int64_t k = k0; k < k1; ++k) {
+      if (alpha_grad) {
+        g[k] = accumulate_backward_entry(p[k], dy[k], eps, part);
+      } else {
+        g[k] = on_support(p[k]) ? support_weight_in_form(p[k], eps, form) : 0.0f;
+        part.g += g[k];
+        part.g_dy += g[k] * dy[k];
+      }
+    }
+    total = total + widen(part);
+  }
+  return total;
+}
+
+// How many entries of a float row are on the support, and whether p or dy holds a NaN.
+ENTMAX_CPU_CLONES
+int64_t support_size_f32(const float* p, const float* dy, int64_t n, bool& nan) {
+  int any_nan = 0;
+  int64_t support = 0;
+#pragma omp simd reduction(| : any_nan) reduction(+ : support)
+  for (int64_t k = 0; k < n; ++k) {
+    any_nan |= (p[k] != p[k]) | (dy[k] != dy[k]);
+    support += p[k] > 0.0f;
+  }
+  nan = any_nan != 0;
+  return support;
+}
+
+// A row whose support is at most this share of it works on the compacted support only
+// (the other entries have g = 0 and contribute nothing; their dX is 0).
+inline bool sparse_support(int64_t support, int64_t n) { return 2 * support <= n; }
+
+template <typename acc_t>
+struct BackwardScratch {
+  std::vector<acc_t> p, dy, g;       // the row (padded with zeros), g of every entry
+  std::vector<int32_t> index;        // sparse rows: the support's positions
+  std::vector<acc_t> sp, sdy;        // sparse rows: p and dy of the support (padded with zeros)
+  void reserve(int64_t n) {
+    if (static_cast<int64_t>(p.size()) >= padded(n)) return;
+    p.assign(padded(n), acc_t(0));
+    dy.assign(padded(n), acc_t(0));
+    g.resize(padded(n));
+    index.resize(padded(n));
+    sp.resize(padded(n));
+    sdy.resize(padded(n));
+  }
+};
+
+// The vectorised sums of float entries p[0, n_padded), 0 < eps <= 1; false on a NaN.
+inline bool backward_sums_vector_f32(const float* p, const float* dy, float* g, int64_t n_padded, float eps,
+                                     bool alpha_grad, BackwardSums<double>& s) {
+  s.zero();
+  return alpha_grad ? backward_sums_f32(p, dy, g, n_padded, eps, s)
+                    : weight_sums_f32(p, dy, g, n_padded, eps, s.g, s.g_dy);
+}
+
+// Backward of one row: writes dX, returns dalpha (0 without alpha_grad).
+// acc_t = double: float64 rows, and float rows with alpha > 2, whose entries at the
+// support edge have huge weights g = p^(2 - alpha) (float terms lost the alpha-gradient's
+// last digits there).
+template <typename scalar_t, typename acc_t>
+acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int64_t stride, acc_t alpha,
+                   bool alpha_grad, BackwardScratch<acc_t>& b, bool known_dense = false) {
+  b.reserve(n);
+  const acc_t eps = alpha - acc_t(1);
+  for (int64_t k = 0; k < n; ++k) {
+    b.p[k] = static_cast<acc_t>(y[k * stride]);
+    b.dy[k] = static_cast<acc_t>(dy[k * stride]);
+  }
+  // The sums, q and the alpha-gradient in double for every row.
+  BackwardSums<double> s;
+  s.zero();
+  if constexpr (std::is_same<acc_t, float>::value) {
+    bool vector_done = false;
+    if (eps > 0.0f && eps <= 1.0f) {
+      bool nan = false;  // known_dense: the batch counted the support and found no NaN
+      const int64_t support = known_dense ? n : support_size_f32(b.p.data(), b.dy.data(), n, nan);
+      if (!nan && sparse_support(support, n)) {
+        const int64_t c = positions_above(b.p.data(), n, 0.0f, b.index.data());
+        for (int64_t j = 0; j < c; ++j) {
+          b.sp[j] = b.p[b.index[j]];
+          b.sdy[j] = b.dy[b.index[j]];
+        }
+        for (int64_t j = c; j < padded(c); ++j) b.sp[j] = b.sdy[j] = 0.0f;
+        backward_sums_vector_f32(b.sp.data(), b.sdy.data(), b.g.data(), padded(c), eps, alpha_grad, s);
+        const float q = static_cast<float>(backward_q(s.g, s.g_dy));
+        fill_row(dx, n, stride, 0.0f);
+        for (int64_t j = 0; j < c; ++j) dx[b.index[j] * stride] = static_cast<scalar_t>(b.g[j] * (b.sdy[j] - q));
+        return alpha_grad ? static_cast<float>(alpha_gradient(s, static_cast<double>(eps))) : 0.0f;
+      }
+      vector_done = !nan && backward_sums_vector_f32(b.p.data(), b.dy.data(), b.g.data(), padded(n), eps, alpha_grad, s);
+    }
+    if (!vector_done) s = backward_sums_scalar_f32(b.p.data(), b.dy.data(), b.g.data(), n, eps, alpha_grad);
+  } else {
+    const EntryForm form = entry_form(eps);
+    for (int64_t k = 0; k < n; ++k) {
+      if (alpha_grad) {
+        b.g[k] = accumulate_backward_entry(b.p[k], b.dy[k], eps, s);
+      } else {
+        b.g[k] = on_support(b.p[k]) ? support_weight_in_form(b.p[k], eps, form) : acc_t(0);
+        s.g += b.g[k];
+        s.g_dy += b.g[k] * b.dy[k];
+      }
+    }
+  }
+  const acc_t q = static_cast<acc_t>(backward_q(s.g, s.g_dy));
+  for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
+  return alpha_grad ? static_cast<acc_t>(alpha_gradient(s, static_cast<double>(eps))) : acc_t(0);
+}
+
+template <typename scalar_t>
+struct BackwardRowScratch {
+  BackwardScratch<typename AccType<scalar_t>::type> acc;
+  BackwardScratch<double> wide;
+};
+
+template <typename scalar_t>
+typename AccType<scalar_t>::type backward_row_dispatch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n,
+                                                       int64_t stride, typename AccType<scalar_t>::type alpha,
+                                                       bool alpha_grad, BackwardRowScratch<scalar_t>& s,
+                                                       bool known_dense = false) {
+  using acc_t = typename AccType<scalar_t>::type;
+  if (std::is_same<acc_t, float>::value && alpha > acc_t(2)) {
+    return static_cast<acc_t>(
+        backward_row<scalar_t, double>(dy, y, dx, n, stride, static_cast<double>(alpha), alpha_grad, s.wide));
+  }
+  return backward_row<scalar_t, acc_t>(dy, y, dx, n, stride, alpha, alpha_grad, s.acc, known_dense);
+}
+
+// ------------------------------------------------------------------ a batch of short rows
+
+// Each lane's support (p > 0) in column `lane` of [j][lane] tables: p, dy, then g.
+struct BackwardBatch {
+  std::vector<float> row_p, row_dy;  // the row being loaded, in float
+  std::vector<float> p, dy, g;       // [j * kBatchLanes + lane]
+  std::vector<int32_t> index;        // [lane * index_stride + j]: the positions in the rows
+  int64_t index_stride = 0;
+  void reserve(int64_t n) {
+    if (static_cast<int64_t>(row_p.size()) >= padded(n)) return;
+    row_p.resize(padded(n));
+    row_dy.resize(padded(n));
+    p.resize(padded(n) * kBatchLanes);
+    dy.resize(padded(n) * kBatchLanes);
+    g.resize(padded(n) * kBatchLanes);
+    index_stride = padded(n);
+    index.resize(padded(n) * kBatchLanes);
+  }
+};
+
+// Compacts a row's support (positions into index[0, count), p and dy into column `lane`)
+// and returns its size; or returns kPerRow if p or dy holds a NaN (the per-row path
+// propagates it), kDense if the support is more than half the row (the per-row vector loop
+// is then cheaper than compacting; the row is known NaN-free).
+constexpr int64_t kPerRow = -1;
+constexpr int64_t kDense = -2;
+
+inline int64_t load_support_f32(const float* p, const float* dy, int64_t n, int lane, float* p_col, float* dy_col,
+                         int32_t* index) {
+  bool nan = false;
+  const int64_t support = support_size_f32(p, dy, n, nan);
+  if (nan) return kPerRow;
+  if (!sparse_support(support, n)) return kDense;
+  const int64_t c = positions_above(p, n, 0.0f, index);
+  for (int64_t j = 0; j < c; ++j) {
+    p_col[j * kBatchLanes + lane] = p[index[j]];
+    dy_col[j * kBatchLanes + lane] = dy[index[j]];
+  }
+  return c;
+}
+
+// The lanes' sums over their supports (column j < rows; padding has p = 0): g in the
+// table, the sums (double) per lane. kForm: the lanes' entry form, for the x-gradient alone
+// (BatchForm::kMixed: each lane its own, forms[lane]).
+template <BatchForm kForm, bool kAlphaGrad>
+inline void batch_sums_f32_in_form(const float* p, const float* dy, float* g_out, int64_t rows, const float* eps,
+                                   const float* inv_eps, const EntryForm* forms, BackwardSums<double>* out) {
+  for (int l = 0; l < kBatchLanes; ++l) out[l].zero();
+  for (int64_t j0 = 0; j0 < rows; j0 += kSumChunk) {
+    const int64_t j1 = std::min(rows, j0 + kSumChunk);
+    float s_g[kBatchLanes] = {}, s_g_dy[kBatchLanes] = {}, s_p_l[kBatchLanes] = {}, s_p_v[kBatchLanes] = {},
+          s_p_v_l[kBatchLanes] = {}, s_g_w[kBatchLanes] = {}, s_g_r[kBatchLanes] = {}, s_rwl[kBatchLanes] = {};
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* pj = p + j * kBatchLanes;
+      const float* dyj = dy + j * kBatchLanes;
+      float* gj = g_out + j * kBatchLanes;
+#pragma omp simd
+      for (int l = 0; l < kBatchLanes; ++l) {
+        const float pk = pj[l], d = dyj[l];
+        const bool on = pk > 0.0f;
+        const float p_in = on ? pk : 1.0f;  // keeps log finite on the padding
+        if constexpr (kAlphaGrad) {
+          // masks as factors: selects here defeated GCC's if-conversion (a scalar loop)
+          const float mask = on ? 1.0f : 0.0f;
+          BackwardTerms<float> b = backward_terms<float, VectorMath>(p_in, eps[l], inv_eps[l]);
+          b.g *= mask;
+          const float pv = pk * b.v * mask;
+          gj[l] = b.g;
+          s_g[l] += b.g;
+          s_g_dy[l] += b.g * d;
+          s_p_l[l] += pk * b.l * mask;
+          s_p_v[l] += pv;
+          s_p_v_l[l] += pv * b.l;
+          s_g_w[l] += b.g * b.w;
+          s_g_r[l] += b.g * b.r;
+          s_rwl[l] += d * b.g * (b.r - b.w * b.l);
+        } else {
+          float g;
+          if constexpr (kForm == BatchForm::kMixed) {  // every form, then a select (the switch did not vectorise)
+            const float general = support_weight_general<float, VectorMath>(p_in, eps[l]);
+            const EntryForm form = forms[l];
+            g = form == EntryForm::kSquare ? sqrt_(p_in) : form == EntryForm::kLinear ? 1.0f : general;
+          } else {
+            g = support_weight_in_form<float, VectorMath>(p_in, eps[l], kForm == BatchForm::kSquare ? EntryForm::kSquare
+                                                                        : kForm == BatchForm::kLinear
+                                                                            ? EntryForm::kLinear
+                                                                            : EntryForm::kGeneral);
+          }
+          g = on ? g : 0.0f;
+          gj[l] = g;
+          s_g[l] += g;
+          s_g_dy[l] += g * d;
+        }
+      }
+    }
+    for (int l = 0; l < kBatchLanes; ++l) {
+      BackwardSums<float> part{s_g[l], s_g_dy[l], s_p_l[l], s_p_v[l], s_p_v_l[l], s_g_w[l], s_g_r[l], s_rwl[l]};
+      out[l] = out[l] + widen(part);
+    }
+  }
+}
+
+ENTMAX_CPU_CLONES
+void batch_sums_f32(const float* p, const float* dy, float* g_out, int64_t rows, const float* eps, const float* inv_eps,
+                    const EntryForm* forms, BatchForm form, bool alpha_grad, BackwardSums<double>* out) {
+  if (alpha_grad) return batch_sums_f32_in_form<BatchForm::kGeneral, true>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+  switch (form) {
+    case BatchForm::kSquare:
+      return batch_sums_f32_in_form<BatchForm::kSquare, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+    case BatchForm::kLinear:
+      return batch_sums_f32_in_form<BatchForm::kLinear, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+    case BatchForm::kGeneral:
+      return batch_sums_f32_in_form<BatchForm::kGeneral, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+    default: return batch_sums_f32_in_form<BatchForm::kMixed, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+  }
+}
+
+// Backward of rows r0 .. r0 + lanes - 1; rows the batch does not take (alpha = 1,
+// alpha > 2, invalid alpha, NaN, a dense support) go through backward_row_dispatch.
+// Writes dX and dalpha.
+template <typename scalar_t>
+void backward_batch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, const float* alpha, float* dalpha, int64_t r0,
+                    int lanes, int64_t n, int64_t stride, bool alpha_grad, BackwardBatch& bb,
+                    BackwardRowScratch<scalar_t>& fallback) {
+  bb.reserve(n);
+  bool solve[kBatchLanes] = {};
+  int64_t count[kBatchLanes] = {}, base[kBatchLanes] = {};
+  float eps[kBatchLanes], inv_eps[kBatchLanes];
+  EntryForm forms[kBatchLanes];
+  int64_t rows = 0;
+  for (int l = 0; l < kBatchLanes; ++l) {  // idle lanes: harmless parameters
+    eps[l] = inv_eps[l] = 1.0f;
+    forms[l] = EntryForm::kLinear;
+  }
+  int first = -1;
+  bool uniform = true;
+  for (int l = 0; l < lanes; ++l) {
+    const int64_t r = r0 + l;
+    base[l] = row_base(r, n, stride);
+    const float e = alpha[r] - 1.0f;
+    int64_t c = kPerRow;
+    if (e > 0.0f && e <= 1.0f) {
+      const float* p_row = contiguous_float_row(y + base[l], n, stride, bb.row_p.data());
+      const float* dy_row = contiguous_float_row(dy + base[l], n, stride, bb.row_dy.data());
+      c = load_support_f32(p_row, dy_row, n, l, bb.p.data(), bb.dy.data(), bb.index.data() + l * bb.index_stride);
+    }
+    if (c == kPerRow || c == kDense) {
+      dalpha[r] = backward_row_dispatch<scalar_t>(dy + base[l], y + base[l], dx + base[l], n, stride, alpha[r],
+                                                  alpha_grad, fallback, c == kDense);
+      continue;
+    }
+    solve[l] = true;
+    count[l] = c;
+    eps[l] = e;
+    inv_eps[l] = 1.0f / e;
+    forms[l] = entry_form(e);
+    rows = std::max(rows, c);
+    if (first < 0) first = l;
+    uniform = uniform && forms[l] == forms[first];
+  }
+  if (first < 0) return;
+  const BatchForm form = batch_form(forms[first], uniform);
+  for (int l = 0; l < kBatchLanes; ++l) {
+    const int64_t from = solve[l] ? count[l] : 0;
+    for (int64_t j = from; j < rows; ++j) bb.p[j * kBatchLanes + l] = bb.dy[j * kBatchLanes + l] = 0.0f;
+  }
+  BackwardSums<double> sums[kBatchLanes];
+  batch_sums_f32(bb.p.data(), bb.dy.data(), bb.g.data(), rows, eps, inv_eps, forms, form, alpha_grad, sums);
+  for (int l = 0; l < lanes; ++l) {
+    if (!solve[l]) continue;
+    const float q = static_cast<float>(backward_q(sums[l].g, sums[l].g_dy));
+    scalar_t* dxr = dx + base[l];
+    fill_row(dxr, n, stride, 0.0f);
+    const int32_t* index = bb.index.data() + l * bb.index_stride;
+    for (int64_t j = 0; j < count[l]; ++j) {
+      const int64_t i = j * kBatchLanes + l;
+      dxr[index[j] * stride] = static_cast<scalar_t>(bb.g[i] * (bb.dy[i] - q));
+    }
+    dalpha[r0 + l] = alpha_grad ? static_cast<float>(alpha_gradient(sums[l], static_cast<double>(eps[l]))) : 0.0f;
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace entmax_cuda
