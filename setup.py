@@ -101,7 +101,7 @@ def extensions():
     cxx = opt + defines + ["-std=c++17", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno",
                            "-fdiagnostics-color=always"]
     # _C: schemas and CPU kernels, loadable by any torch >= 2.10, CPU or CUDA build.
-    cpu_sources = [str(CSRC / "entmax.cpp"), str(CSRC / "cpu" / "entmax_cpu.cpp")]
+    cpu_sources = [str(CSRC / f) for f in ("entmax.cpp", "cpu/entmax_cpu.cpp", "attention.cpp", "cpu/attention_cpu.cpp")]
     modules = [CppExtension("entmax_cuda._C", cpu_sources, extra_compile_args={"cxx": cxx})]
     if with_cuda:
         # _C_cuda: the CUDA kernels, loaded only when the running torch has CUDA.

@@ -12,6 +12,7 @@ _load_library()
 
 from .functional import entmax, entmax_bisect  # noqa: E402
 from .modules import AdaptiveEntmax  # noqa: E402
+from .attention import EntmaxAttention, scaled_dot_product_entmax  # noqa: E402
 from . import reference  # noqa: E402
 
 __version__ = "0.1.0"
