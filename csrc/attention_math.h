@@ -79,11 +79,18 @@ ENTMAX_HD int64_t first_query_tile_for_key_tile(int64_t kt, int64_t Lq, int64_t 
 
 // One score at threshold t: p = [1 + eps (u - t)]_+^(1/eps) (u = s - m), and p/z
 // = p^(2 - alpha), the entry's share of -f'(t); softmax (exp(u - t)) at eps = 0.
+// alpha = 1.5 and 2 need no special function: p = z^2 and p = z (z = 1 + eps (u - t)).
 template <typename T>
 ENTMAX_HD EntryAtT<T> score_entry(T u, T t, T eps, T inv_eps) {
   if (eps == T(0)) {
     const T p = exp_(u - t);
     return EntryAtT<T>{p, p};
+  }
+  if (eps == T(0.5) || eps == T(1)) {
+    const T a = eps * (u - t);
+    if (!(a > T(-1))) return EntryAtT<T>{T(0), T(0)};
+    const T z = T(1) + a;
+    return eps == T(1) ? EntryAtT<T>{z, T(1)} : EntryAtT<T>{z * z, z};
   }
   return entry_at_t(u, t, eps, inv_eps);
 }
@@ -142,7 +149,7 @@ ENTMAX_HD T subset_threshold(const T* u, int n, T eps) {
   for (int it = 0;; ++it) {
     T F = 0, minus_dF = 0;
     for (int j = 0; j < n; ++j) {
-      const EntryAtT<T> e = entry_at_t(u[j], rf.t, eps, inv_eps);
+      const EntryAtT<T> e = score_entry(u[j], rf.t, eps, inv_eps);
       F += e.p;
       minus_dF += e.p_over_z;
     }

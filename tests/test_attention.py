@@ -573,3 +573,18 @@ def test_cuda_long_sequence_matches_composite(causal):
     with torch.no_grad():
         want = composite(q, k, v, 1.5, causal=causal)
     assert (out - want).abs().max().item() <= FWD_ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.3, 1.5, 2.0])
+def test_qkv_gradients_do_not_depend_on_alpha_requiring_grad(device, alpha):
+    """The backward skips the alpha-gradient sums when alpha needs none; dq, dk, dv are the same
+    (to float32 rounding: the two loops sum in different vector orders)."""
+    q, k, v = (t.float() for t in _inputs(1, 2, 2, 70, 90, 16, device=device))
+    grad_out = torch.randn(1, 2, 70, 16, device=device)
+    results = []
+    for alpha_grad in (True, False):
+        a = torch.tensor(alpha, device=device, requires_grad=alpha_grad)
+        _, grads = _grads(lambda q, k, v: entmax_cuda.scaled_dot_product_entmax(q, k, v, a), (q, k, v), grad_out)
+        results.append(grads)
+    for with_alpha, without in zip(*results):
+        assert _rel(with_alpha, without) <= 1e-6

@@ -128,8 +128,8 @@ void gemm(T* C, int64_t ldc, const T* A, int64_t am, int64_t ak, const T* B, int
 // ------------------------------------------------------------------ entry loops
 
 // score_entry of attention_math.h over one row of a tile, vectorised for float
-// (vector_math.h's exp/log1p; double uses the header's scalar functions).
-// Writes p (if p != nullptr); adds sum p and sum p/z into *F, *minus_dF.
+// (vector_math.h's exp/log1p, closed forms at alpha = 1.5 and 2; double uses the
+// header's scalar function). Writes p; adds sum p and sum p/z into *F, *minus_dF.
 template <typename T>
 ATTENTION_CPU_CLONES void row_entries(const T* s, T* p, int64_t n, T m, T t, T eps, T inv_eps, T* F, T* minus_dF) {
   T f = 0, dz = 0;
@@ -139,9 +139,21 @@ ATTENTION_CPU_CLONES void row_entries(const T* s, T* p, int64_t n, T m, T t, T e
       for (int64_t j = 0; j < n; ++j) {
         const float u = s[j] - m;
         const float e = u == math::neg_inf<float>() ? 0.0f : vmath::exp_f32(u - t);
-        if (p) p[j] = e;
+        p[j] = e;
         f += e;
         dz += e;
+      }
+    } else if (eps == 0.5f || eps == 1.0f) {
+      const bool square = eps == 0.5f;
+#pragma omp simd reduction(+ : f, dz)
+      for (int64_t j = 0; j < n; ++j) {
+        const float a = eps * ((s[j] - m) - t);
+        const bool valid = a > -1.0f;
+        const float z = valid ? 1.0f + a : 0.0f;
+        const float pe = square ? z * z : z;
+        p[j] = pe;
+        f += pe;
+        dz += square ? z : (valid ? 1.0f : 0.0f);
       }
     } else {
 #pragma omp simd reduction(+ : f, dz)
@@ -151,7 +163,7 @@ ATTENTION_CPU_CLONES void row_entries(const T* s, T* p, int64_t n, T m, T t, T e
         const float as = valid ? a : 0.0f;
         const float e = vmath::exp_f32(vmath::log1p_f32(as) * inv_eps);
         const float pe = valid ? e : 0.0f;
-        if (p) p[j] = pe;
+        p[j] = pe;
         f += pe;
         dz += pe / (1.0f + as);
       }
@@ -159,7 +171,7 @@ ATTENTION_CPU_CLONES void row_entries(const T* s, T* p, int64_t n, T m, T t, T e
   } else {
     for (int64_t j = 0; j < n; ++j) {
       const EntryAtT<T> e = score_entry<T>(s[j] - m, t, eps, inv_eps);
-      if (p) p[j] = e.p;
+      p[j] = e.p;
       f += e.p;
       dz += e.p_over_z;
     }
@@ -168,79 +180,133 @@ ATTENTION_CPU_CLONES void row_entries(const T* s, T* p, int64_t n, T m, T t, T e
   *minus_dF += dz;
 }
 
+// Pass 0 over one row of a score tile: max (NaN ignored), number of unmasked
+// scores, and whether any score is NaN or +inf.
+template <typename T>
+struct RowScan {
+  T max;
+  int64_t count;
+  bool bad;
+};
+
+template <typename T>
+ATTENTION_CPU_CLONES RowScan<T> scan_row(const T* s, int64_t n) {
+  const T ninf = math::neg_inf<T>();
+  T m = ninf;
+  int64_t c = 0;
+  int bad = 0;
+#pragma omp simd reduction(max : m) reduction(+ : c) reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = s[j];
+    bad |= (x != x) | (x == -ninf);
+    c += x > ninf;
+    m = x > m ? x : m;
+  }
+  return RowScan<T>{m, c, bad != 0};
+}
+
+// Backward, one row of a float tile (eps > 0): p_hat into P, g into G, and the row
+// sums of backward_row_entries. kForm: 0 any alpha, 1 alpha = 1.5 (p = z^2), 2 alpha = 2 (p = z).
+template <int kForm, bool kAlphaGrad>
+__attribute__((always_inline)) inline void backward_row_f32(const float* s, const float* dp, float* P, float* G,
+                                                            int64_t n, const BackwardRow<float>& r,
+                                                            BackwardSums<float>& part) {
+  const float eps = r.eps, inv_eps = r.inv_eps, m = r.m, t = r.t, inv_norm = r.inv_norm, g_scale = r.g_scale;
+  const float log_norm = kAlphaGrad ? vmath::log_f32(inv_norm) : 0.0f;
+  const float inv_eps2 = inv_eps * inv_eps;
+  const float series_limit = math::Tolerance<float>::series_limit;
+  float s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_v = 0, s_p_v_l = 0, s_g_w = 0, s_g_r = 0, s_dy_g_rwl = 0;
+#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_v, s_p_v_l, s_g_w, s_g_r, s_dy_g_rwl)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = eps * ((s[j] - m) - t);
+    const bool on = a > -1.0f;
+    const float as = on ? a : 0.0f;
+    const float z = 1.0f + as;
+    const float l1 = (kForm == 0 || kAlphaGrad) ? vmath::log1p_f32(as) : 0.0f;
+    const float p = kForm == 1 ? z * z : (kForm == 2 ? z : vmath::exp_f32(l1 * inv_eps));
+    const float p_over_z = kForm == 1 ? z : (kForm == 2 ? 1.0f : p / z);
+    const float ph = on ? p * inv_norm : 0.0f;
+    const float g = on ? p_over_z * g_scale : 0.0f;
+    P[j] = ph;
+    G[j] = g;
+    s_g += g;
+    s_g_dy += g * dp[j];
+    if (kAlphaGrad) {
+      const float l = on ? l1 * inv_eps + log_norm : 0.0f;  // ln p_hat
+      const float x = eps * l;
+      const float e = vmath::expm1_f32(x);
+      const float w = e * inv_eps;
+      const float v = -w / (1.0f + e);
+      const float r_series = l * l * 0.5f * math::expm1_minus_x_ratio(x);
+      const float r_direct = (e - x) * inv_eps2;
+      const float rr = (x > -series_limit && x < series_limit) ? r_series : r_direct;
+      const float pv = ph * v;
+      s_p_l += ph * l;
+      s_p_v += pv;
+      s_p_v_l += pv * l;
+      s_g_w += g * w;
+      s_g_r += g * rr;
+      s_dy_g_rwl += dp[j] * g * (rr - w * l);
+    }
+  }
+  part.g = s_g; part.g_dy = s_g_dy; part.p_l = s_p_l; part.p_v = s_p_v;
+  part.p_v_l = s_p_v_l; part.g_w = s_g_w; part.g_r = s_g_r; part.dy_g_rwl = s_dy_g_rwl;
+}
+
+// Softmax rows (eps = 0): g = p, w = l, v = -l, r = l^2/2 (accumulate_backward_entry's limits).
+template <bool kAlphaGrad>
+__attribute__((always_inline)) inline void backward_row_softmax_f32(const float* s, const float* dp, float* P,
+                                                                    float* G, int64_t n, const BackwardRow<float>& r,
+                                                                    BackwardSums<float>& part) {
+  const float m = r.m, t = r.t, inv_norm = r.inv_norm;
+  const float log_norm = kAlphaGrad ? vmath::log_f32(inv_norm) : 0.0f;
+  float s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_l2 = 0, s_dy_g_rwl = 0;
+#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_l2, s_dy_g_rwl)
+  for (int64_t j = 0; j < n; ++j) {
+    const float u = s[j] - m;
+    const bool on = u != math::neg_inf<float>();
+    const float x = on ? u - t : 0.0f;
+    const float ph = on ? vmath::exp_f32(x) * inv_norm : 0.0f;
+    P[j] = ph;
+    G[j] = ph;
+    s_g += ph;
+    s_g_dy += ph * dp[j];
+    if (kAlphaGrad) {
+      const float l = on ? x + log_norm : 0.0f;  // ln p_hat
+      s_p_l += ph * l;
+      s_p_l2 += ph * l * l;
+      s_dy_g_rwl -= dp[j] * ph * l * l * 0.5f;  // dy g (r - w l) = -dy p l^2 / 2
+    }
+  }
+  part.g = s_g; part.g_dy = s_g_dy;
+  part.p_l = s_p_l; part.p_v = -s_p_l; part.p_v_l = -s_p_l2;
+  part.g_w = s_p_l; part.g_r = 0.5f * s_p_l2; part.dy_g_rwl = s_dy_g_rwl;
+}
+
 // Backward, one row of a tile: p_hat (into P) and g (into G) from the scores,
 // and the row sums of g and g dP (alpha_grad: all of BackwardSums, with dy = dP),
-// added into sums. The float loop follows accumulate_backward_entry of
+// added into sums. The float loops follow accumulate_backward_entry of
 // entmax_math.h on (p_hat, dP), with ln p_hat = log1p(a)/eps + ln(inv_norm)
-// taken from the forward formula instead of a second log.
+// taken from the forward formula instead of a second log; double calls it.
 template <typename T>
 ATTENTION_CPU_CLONES void backward_row_entries(const T* s, const T* dp, T* P, T* G, int64_t n, const BackwardRow<T>& r,
                                                bool alpha_grad, BackwardSums<double>& sums) {
   if constexpr (std::is_same<T, float>::value) {
-    const float eps = r.eps, inv_eps = r.inv_eps, m = r.m, t = r.t, inv_norm = r.inv_norm, g_scale = r.g_scale;
-    const float log_norm = vmath::log_f32(inv_norm);
-    const float inv_eps2 = inv_eps * inv_eps;
-    const float series_limit = math::Tolerance<float>::series_limit;
     BackwardSums<float> part;
     part.zero();
-    float s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_v = 0, s_p_v_l = 0, s_g_w = 0, s_g_r = 0, s_dy_g_rwl = 0;
-    if (eps == 0.0f) {
-#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_v, s_p_v_l, s_g_w, s_g_r, s_dy_g_rwl)
-      for (int64_t j = 0; j < n; ++j) {
-        const float u = s[j] - m;
-        const bool on = u != math::neg_inf<float>();
-        const float x = on ? u - t : 0.0f;
-        const float ph = on ? vmath::exp_f32(x) * inv_norm : 0.0f;
-        const float l = x + log_norm;  // ln p_hat
-        P[j] = ph;
-        G[j] = ph;
-        s_g += ph;
-        s_g_dy += ph * dp[j];
-        if (alpha_grad) {  // eps = 0: g = p, w = l, v = -l, r = l^2/2
-          const float lp = on ? l : 0.0f;
-          s_p_l += ph * lp;
-          s_p_v -= ph * lp;
-          s_p_v_l -= ph * lp * lp;
-          s_g_w += ph * lp;
-          s_g_r += ph * lp * lp * 0.5f;
-          s_dy_g_rwl += dp[j] * ph * (lp * lp * 0.5f - lp * lp);
-        }
-      }
+    const int form = r.eps == 0.5f ? 1 : (r.eps == 1.0f ? 2 : 0);
+    if (r.eps == 0.0f) {
+      if (alpha_grad) backward_row_softmax_f32<true>(s, dp, P, G, n, r, part);
+      else backward_row_softmax_f32<false>(s, dp, P, G, n, r, part);
+    } else if (alpha_grad) {
+      if (form == 1) backward_row_f32<1, true>(s, dp, P, G, n, r, part);
+      else if (form == 2) backward_row_f32<2, true>(s, dp, P, G, n, r, part);
+      else backward_row_f32<0, true>(s, dp, P, G, n, r, part);
     } else {
-#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_v, s_p_v_l, s_g_w, s_g_r, s_dy_g_rwl)
-      for (int64_t j = 0; j < n; ++j) {
-        const float a = eps * ((s[j] - m) - t);
-        const bool on = a > -1.0f;
-        const float as = on ? a : 0.0f;
-        const float l1 = vmath::log1p_f32(as);
-        const float p = vmath::exp_f32(l1 * inv_eps);
-        const float ph = on ? p * inv_norm : 0.0f;
-        const float g = on ? p / (1.0f + as) * g_scale : 0.0f;
-        P[j] = ph;
-        G[j] = g;
-        s_g += g;
-        s_g_dy += g * dp[j];
-        if (alpha_grad) {
-          const float l = on ? l1 * inv_eps + log_norm : 0.0f;  // ln p_hat
-          const float x = eps * l;
-          const float e = vmath::expm1_f32(x);
-          const float w = e * inv_eps;
-          const float v = -w / (1.0f + e);
-          const float r_series = l * l * 0.5f * math::expm1_minus_x_ratio(x);
-          const float r_direct = (e - x) * inv_eps2;
-          const float rr = (x > -series_limit && x < series_limit) ? r_series : r_direct;
-          const float pv = ph * v;
-          s_p_l += ph * l;
-          s_p_v += pv;
-          s_p_v_l += pv * l;
-          s_g_w += g * w;
-          s_g_r += g * rr;
-          s_dy_g_rwl += dp[j] * g * (rr - w * l);
-        }
-      }
+      if (form == 1) backward_row_f32<1, false>(s, dp, P, G, n, r, part);
+      else if (form == 2) backward_row_f32<2, false>(s, dp, P, G, n, r, part);
+      else backward_row_f32<0, false>(s, dp, P, G, n, r, part);
     }
-    part.g = s_g; part.g_dy = s_g_dy; part.p_l = s_p_l; part.p_v = s_p_v;
-    part.p_v_l = s_p_v_l; part.g_w = s_g_w; part.g_r = s_g_r; part.dy_g_rwl = s_dy_g_rwl;
     sums = sums + widen(part);
   } else {
     for (int64_t j = 0; j < n; ++j) {
@@ -356,11 +422,62 @@ void mask_scores(acc_t* S, const int64_t* rows, int64_t n_rows, int64_t b, int64
 // chunks: query (or key) tiles alternate from both ends.
 inline int64_t zigzag(int64_t x, int64_t n) { return (x % 2 == 0) ? x / 2 : n - 1 - x / 2; }
 
+// Key and value tiles converted to acc_t once per call, in the layouts the tile
+// matmuls read: keys as columns [D][Bk], keys as rows [Bk][Dp], values as columns
+// [Dv][Bk], values as rows [Bk][Dvp]; keys past Lk are zero. A converted copy of
+// k and v (linear in Lk): every pass over the key tiles reads them without
+// converting or transposing again.
+enum TileLayout { kKeysT = 0, kKeys = 1, kValuesT = 2, kValues = 3, kNumLayouts = 4 };
+
+template <typename acc_t>
+struct KeyTiles {
+  Tensor storage;
+  const acc_t* base = nullptr;
+  int64_t Hkv = 0, nK = 0, stride = 0;
+  int64_t offset[kNumLayouts] = {0, 0, 0, 0};
+  const acc_t* get(TileLayout layout, int64_t b, int64_t hk, int64_t kt) const {
+    return base + ((b * Hkv + hk) * nK + kt) * stride + offset[layout];
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tensor& acc_like,
+                                  std::initializer_list<TileLayout> layouts) {
+  KeyTiles<acc_t> tiles;
+  tiles.Hkv = P.Hkv;
+  tiles.nK = P.nK;
+  const int64_t size[kNumLayouts] = {P.D * kBlockK, kBlockK * P.Dp, P.Dv * kBlockK, kBlockK * P.Dvp};
+  bool want[kNumLayouts] = {false, false, false, false};
+  for (TileLayout l : layouts) want[l] = true;
+  for (int l = 0; l < kNumLayouts; ++l) {
+    tiles.offset[l] = tiles.stride;
+    if (want[l]) tiles.stride += size[l];
+  }
+  const int64_t n_tiles = P.B * P.Hkv * P.nK;
+  tiles.storage = torch::stable::new_empty(acc_like, {std::max<int64_t>(n_tiles * tiles.stride, 1)});
+  acc_t* base = tiles.storage.template mutable_data_ptr<acc_t>();
+  tiles.base = base;
+  torch::stable::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t kt = tile % P.nK, bh = tile / P.nK, b = bh / P.Hkv, hk = bh % P.Hkv;
+      const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
+      acc_t* dst = base + tile * tiles.stride;
+      const scalar_t* k = P.k.row(b, hk, j0);
+      const scalar_t* v = P.v.row(b, hk, j0);
+      if (want[kKeysT]) load_transposed(dst + tiles.offset[kKeysT], k, P.k.s2, P.k.s3, keys, P.D);
+      if (want[kKeys]) load_rows(dst + tiles.offset[kKeys], P.Dp, kBlockK, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
+      if (want[kValuesT]) load_transposed(dst + tiles.offset[kValuesT], v, P.v.s2, P.v.s3, keys, P.Dv);
+      if (want[kValues]) load_rows(dst + tiles.offset[kValues], P.Dvp, kBlockK, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
+    }
+  });
+  return tiles;
+}
+
 // ------------------------------------------------------------------ forward
 
 template <typename scalar_t, typename acc_t>
 struct ForwardScratch {
-  Buffer<acc_t> Q, Qc, Kt, V, S, Pt, O;
+  Buffer<acc_t> Q, Qc, S, Pt, O;
   std::vector<acc_t> block_max;
   std::vector<RowCandidates<acc_t, kCandidates>> cand;
   std::vector<RowThreshold<acc_t>> th;
@@ -369,23 +486,15 @@ struct ForwardScratch {
   std::vector<char> bad;
   std::vector<double> F, minus_dF;
   explicit ForwardScratch(const Problem<scalar_t, acc_t>& P)
-      : Q(kBlockQ * P.Dp), Qc(kBlockQ * P.Dp), Kt(P.D * kBlockK), V(kBlockK * P.Dvp), S(kBlockQ * kBlockK),
+      : Q(kBlockQ * P.Dp), Qc(kBlockQ * P.Dp), S(kBlockQ * kBlockK),
         Pt(kBlockQ * kBlockK), O(kBlockQ * P.Dvp), block_max(P.nK), cand(kBlockQ), th(kBlockQ), row_max(kBlockQ),
         count(kBlockQ), rows(kBlockQ), pending(kBlockQ), bad(kBlockQ), F(kBlockQ), minus_dF(kBlockQ) {}
 };
 
 template <typename scalar_t, typename acc_t>
-void load_key_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P, int64_t b, int64_t hk,
-                   int64_t kt, bool with_values) {
-  const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
-  load_transposed(w.Kt.data(), P.k.row(b, hk, j0), P.k.s2, P.k.s3, keys, P.D);
-  if (with_values)
-    load_rows(w.V.data(), P.Dvp, kBlockK, P.v.row(b, hk, j0), P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
-}
-
-template <typename scalar_t, typename acc_t>
-void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P, int64_t b, int64_t h,
-                        int64_t qt, scalar_t* out, acc_t* stats, uint8_t* block_map) {
+void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
+                        const KeyTiles<acc_t>& tiles, int64_t b, int64_t h, int64_t qt, scalar_t* out, acc_t* stats,
+                        uint8_t* block_map) {
   const acc_t ninf = math::neg_inf<acc_t>();
   const int64_t hk = h / P.group, i0 = qt * kBlockQ, n_rows = std::min<int64_t>(kBlockQ, P.Lq - i0);
   const int64_t n_kt = key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal);
@@ -400,27 +509,23 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 
   // Pass 0: row max, unmasked count, NaN/+inf, candidates; block maxima.
   for (int64_t kt = 0; kt < n_kt; ++kt) {
-    load_key_tile(w, P, b, hk, kt, false);
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, w.Kt.data(), kBlockK, n_rows, kBlockK, P.D);
+    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
     mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
     acc_t bmax = ninf;
     for (int64_t r = 0; r < n_rows; ++r) {
       const acc_t* s = w.S.data() + r * kBlockK;
-      acc_t m = ninf;  // NaN scores are flagged, not maxed
-      int64_t c = 0;
-      int bad = 0;
-      for (int64_t j = 0; j < kBlockK; ++j) {
-        const acc_t x = s[j];
-        bad |= (x != x) | (x == -ninf);
-        c += x > ninf;
-        m = x > m ? x : m;
+      const RowScan<acc_t> scan = scan_row(s, kBlockK);
+      w.row_max[r] = std::max(w.row_max[r], scan.max);
+      w.count[r] += scan.count;
+      w.bad[r] |= scan.bad;
+      bmax = std::max(bmax, scan.max);
+      RowCandidates<acc_t, kCandidates>& cand = w.cand[r];
+      if (cand.count == kCandidates && !(scan.max > cand.value[cand.min_slot])) {
+        cand.max_rejected = std::max(cand.max_rejected, scan.max);  // nothing here beats the kept scores
+        continue;
       }
-      w.row_max[r] = std::max(w.row_max[r], m);
-      w.count[r] += c;
-      w.bad[r] |= bad;
-      bmax = std::max(bmax, m);
       for (int64_t j = 0; j < kBlockK; ++j)
-        if (s[j] > ninf) w.cand[r].offer(s[j]);
+        if (s[j] > ninf) cand.offer(s[j]);
     }
     w.block_max[kt] = bmax;
   }
@@ -450,14 +555,14 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
         needed = !zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps);
       }
       if (!needed) continue;
-      load_key_tile(w, P, b, hk, kt, false);
-      gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, w.Kt.data(), kBlockK, n_pending, kBlockK, P.D);
+      gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_pending, kBlockK,
+           P.D);
       mask_scores(w.S.data(), w.rows.data(), n_pending, b, h, kt * kBlockK, P);
       for (int64_t c = 0; c < n_pending; ++c) {
         const RowThreshold<acc_t>& th = w.th[w.pending[c]];
         if (zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps)) continue;
         acc_t f = 0, dz = 0;
-        row_entries<acc_t>(w.S.data() + c * kBlockK, nullptr, kBlockK, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
+        row_entries<acc_t>(w.S.data() + c * kBlockK, w.Pt.data() + c * kBlockK, kBlockK, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
         w.F[c] += f;
         w.minus_dF[c] += dz;
       }
@@ -484,8 +589,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     // A bad row's gradient is NaN wherever it can attend (the backward visits its blocks).
     map_row[kt] = (active || (any_bad && w.block_max[kt] > ninf)) ? 1 : 0;
     if (!active) continue;
-    load_key_tile(w, P, b, hk, kt, true);
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, w.Kt.data(), kBlockK, n_rows, kBlockK, P.D);
+    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
     mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
     for (int64_t r = 0; r < n_rows; ++r) {
       const RowThreshold<acc_t>& th = w.th[r];
@@ -499,7 +603,8 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       row_entries<acc_t>(w.S.data() + r * kBlockK, p, kBlockK, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
       w.F[r] += f;
     }
-    gemm_acc(w.O.data(), P.Dvp, w.Pt.data(), kBlockK, 1, w.V.data(), P.Dvp, n_rows, P.Dvp, kBlockK);
+    gemm_acc(w.O.data(), P.Dvp, w.Pt.data(), kBlockK, 1, tiles.get(kValues, b, hk, kt), P.Dvp, n_rows, P.Dvp,
+             kBlockK);
   }
 
   // Normalise by sum p and save the row statistics.
@@ -531,15 +636,14 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 
 template <typename scalar_t, typename acc_t>
 struct BackwardScratch {
-  Buffer<acc_t> Q, dO, Kt, K, Vt, S, dP, P, G, acc_d, acc_dv;
+  Buffer<acc_t> Q, dO, S, dP, P, G, acc_d, acc_dv;
   std::vector<BackwardRow<acc_t>> row;
   std::vector<acc_t> q;
   std::vector<char> bad;
   std::vector<int64_t> rows;
   std::vector<BackwardSums<double>> sums;
   explicit BackwardScratch(const Problem<scalar_t, acc_t>& P)
-      : Q(kBlockQ * P.Dp), dO(kBlockQ * P.Dvp), Kt(P.D * kBlockK), K(kBlockK * P.Dp), Vt(P.Dv * kBlockK),
-        S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P(kBlockQ * kBlockK), G(kBlockQ * kBlockK),
+      : Q(kBlockQ * P.Dp), dO(kBlockQ * P.Dvp), S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P(kBlockQ * kBlockK), G(kBlockQ * kBlockK),
         acc_d(std::max(kBlockQ, kBlockK) * P.Dp), acc_dv(kBlockK * P.Dvp), row(kBlockQ), q(kBlockQ), bad(kBlockQ),
         rows(kBlockQ), sums(kBlockQ) {}
 };
@@ -565,11 +669,13 @@ int64_t load_query_side(BackwardScratch<scalar_t, acc_t>& w, const Problem<scala
 // S and dP of one block for the loaded query rows, then p_hat (P) and g (G) per row;
 // with sums != nullptr also the rows' backward sums.
 template <typename scalar_t, typename acc_t>
-void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P, int64_t b, int64_t h,
-                    int64_t kt, int64_t n_rows, bool alpha_grad, bool with_sums) {
-  gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, w.Kt.data(), kBlockK, n_rows, kBlockK, P.D);
+void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
+                    const KeyTiles<acc_t>& tiles, int64_t b, int64_t h, int64_t kt, int64_t n_rows, bool alpha_grad,
+                    bool with_sums) {
+  const int64_t hk = h / P.group;
+  gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
   mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
-  gemm(w.dP.data(), kBlockK, w.dO.data(), P.Dvp, 1, w.Vt.data(), kBlockK, n_rows, kBlockK, P.Dv);
+  gemm(w.dP.data(), kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), kBlockK, n_rows, kBlockK, P.Dv);
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* p = w.P.data() + r * kBlockK;
     acc_t* g = w.G.data() + r * kBlockK;
@@ -590,15 +696,6 @@ void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t,
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void load_key_side(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P, int64_t b, int64_t hk,
-                   int64_t kt, bool row_major_keys) {
-  const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
-  load_transposed(w.Kt.data(), P.k.row(b, hk, j0), P.k.s2, P.k.s3, keys, P.D);
-  load_transposed(w.Vt.data(), P.v.row(b, hk, j0), P.v.s2, P.v.s3, keys, P.Dv);
-  if (row_major_keys) load_rows(w.K.data(), P.Dp, kBlockK, P.k.row(b, hk, j0), P.k.s2, P.k.s3, keys, P.D, acc_t(1));
-}
-
 // dS = g (dP - q) in place of G.
 template <typename scalar_t, typename acc_t>
 void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows) {
@@ -615,7 +712,7 @@ void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows) {
 // active blocks), then dQ (second loop, scores and dP recomputed).
 template <typename scalar_t, typename acc_t>
 void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
-                         const View4<scalar_t>& dout, const acc_t* stats, const uint8_t* block_map, bool alpha_grad,
+                         const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats, const uint8_t* block_map, bool alpha_grad,
                          int64_t b, int64_t h, int64_t qt, scalar_t* dq, acc_t* q_rows, acc_t* dalpha) {
   const int64_t hk = h / P.group;
   const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
@@ -624,8 +721,7 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
   for (int64_t r = 0; r < n_rows; ++r) w.sums[r].zero();
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     if (!map_row[kt]) continue;
-    load_key_side(w, P, b, hk, kt, false);
-    backward_block(w, P, b, h, kt, n_rows, alpha_grad, true);
+    backward_block(w, P, tiles, b, h, kt, n_rows, alpha_grad, true);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t i = qt * kBlockQ + r;
@@ -639,10 +735,9 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
   std::memset(static_cast<void*>(dQ), 0, sizeof(acc_t) * kBlockQ * P.Dp);
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     if (!map_row[kt]) continue;
-    load_key_side(w, P, b, hk, kt, true);
-    backward_block(w, P, b, h, kt, n_rows, false, false);
+    backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
     score_gradient(w, n_rows);
-    gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, w.K.data(), P.Dp, n_rows, P.Dp, kBlockK);
+    gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, tiles.get(kKeys, b, hk, kt), P.Dp, n_rows, P.Dp, kBlockK);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     scalar_t* out = dq + ((b * P.Hq + h) * P.Lq + qt * kBlockQ + r) * P.D;
@@ -655,9 +750,8 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
 // and every query tile whose block is active.
 template <typename scalar_t, typename acc_t>
 void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
-                       const View4<scalar_t>& dout, const acc_t* stats, const uint8_t* block_map, const acc_t* q_rows,
+                       const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats, const uint8_t* block_map, const acc_t* q_rows,
                        int64_t b, int64_t hk, int64_t kt, scalar_t* dk, scalar_t* dv) {
-  load_key_side(w, P, b, hk, kt, false);
   acc_t* dK = w.acc_d.data();
   acc_t* dV = w.acc_dv.data();
   std::memset(static_cast<void*>(dK), 0, sizeof(acc_t) * kBlockK * P.Dp);
@@ -668,7 +762,7 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       if (kt >= key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal) || !block_map[P.map_index(b, h, qt, kt)]) continue;
       const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
       for (int64_t r = 0; r < n_rows; ++r) w.q[r] = q_rows[(b * P.Hq + h) * P.Lq + qt * kBlockQ + r];
-      backward_block(w, P, b, h, kt, n_rows, false, false);
+      backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
       score_gradient(w, n_rows);
       // dV += P^T dO, dK += dS^T (scale q)
       gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, kBlockK, P.Dvp, n_rows);
@@ -777,11 +871,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q, const 
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     acc_t* st = stats.mutable_data_ptr<acc_t>();
     uint8_t* map = block_map.mutable_data_ptr<uint8_t>();
+    const KeyTiles<acc_t> tiles = prepare_key_tiles(P, alpha, {kKeysT, kValues});
     torch::stable::parallel_for(0, P.B * P.Hq * P.nQ, 1, [&](int64_t begin, int64_t end) {
       ForwardScratch<scalar_t, acc_t> w(P);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / P.nQ, qt = zigzag(item % P.nQ, P.nQ);
-        forward_query_tile(w, P, bh / P.Hq, bh % P.Hq, qt, o, st, map);
+        forward_query_tile(w, P, tiles, bh / P.Hq, bh % P.Hq, qt, o, st, map);
       }
     });
   });
@@ -824,11 +919,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& 
     scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
     scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+    const KeyTiles<acc_t> tiles = prepare_key_tiles(P, alpha, {kKeysT, kKeys, kValuesT});
     torch::stable::parallel_for(0, P.B * P.Hq * P.nQ, 1, [&](int64_t begin, int64_t end) {
       BackwardScratch<scalar_t, acc_t> w(P);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / P.nQ, qt = zigzag(item % P.nQ, P.nQ);
-        backward_query_tile(w, P, dout, st, map, alpha_grad, bh / P.Hq, bh % P.Hq, qt, dqp, qr, da);
+        backward_query_tile(w, P, tiles, dout, st, map, alpha_grad, bh / P.Hq, bh % P.Hq, qt, dqp, qr, da);
       }
     });
     if (P.Lk == 0) return;
@@ -836,7 +932,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& 
       BackwardScratch<scalar_t, acc_t> w(P);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / P.nK, kt = zigzag(item % P.nK, P.nK);
-        backward_key_tile(w, P, dout, st, map, qr, bh / P.Hkv, bh % P.Hkv, kt, dkp, dvp);
+        backward_key_tile(w, P, tiles, dout, st, map, qr, bh / P.Hkv, bh % P.Hkv, kt, dkp, dvp);
       }
     });
   });
