@@ -9,7 +9,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(entmax_cuda, m) {
   // for float64 inputs), any strides. mask: none, or (B, Hq, Lq, Lk) of any
   // strides, bool (True = keep) or additive in alpha's dtype. causal: 0 none,
   // 1 upper-left, 2 lower-right. Returns (out (B, Hq, Lq, Dv), stats
-  // (B, Hq, 3, Lq) in alpha's dtype, block_map (B, Hq, ceil(Lq/64), ceil(Lk/64)) uint8).
+  // (B, Hq, 4, Lq) in alpha's dtype (m, t, 1/sum p, evaluations), block_map (B, Hq, ceil(Lq/64), ceil(Lk/64)) uint8).
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor? mask, int causal, "
         "float scale) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_q, grad_k, grad_v, grad_alpha_per_row); grad_alpha is zero

@@ -42,7 +42,8 @@ enum RowStat : int64_t {
   kStatMax = 0,        // m: the row max of the scores (-inf: every key masked; NaN: bad row)
   kStatThreshold = 1,  // t: p = [1 + eps (s - m - t)]_+^(1/eps), exp(s - m - t) at eps = 0
   kStatInvNorm = 2,    // 1 / sum_j p: the forward's normalisation (0 for an all-masked row)
-  kNumStats = 3,
+  kStatEvaluations = 3,  // threshold evaluations of the row, the output pass included (diagnostic)
+  kNumStats = 4,
 };
 
 // is_causal: key j is visible to query i iff j <= i + offset.

@@ -49,7 +49,7 @@ def _attention_forward_fake(q, k, v, alpha, mask, causal, scale):
     B, Hq, Lq, _ = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     out = q.new_empty(B, Hq, Lq, Dv)
-    stats = alpha.new_empty(B, Hq, 3, Lq)
+    stats = alpha.new_empty(B, Hq, 4, Lq)
     block_map = q.new_empty(B, Hq, (Lq + BLOCK_Q - 1) // BLOCK_Q, (Lk + BLOCK_K - 1) // BLOCK_K, dtype=torch.uint8)
     return out, stats, block_map
 

@@ -629,6 +629,8 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     stats[P.stat_index(b, h, kStatMax, i)] = m;
     stats[P.stat_index(b, h, kStatThreshold, i)] = t;
     stats[P.stat_index(b, h, kStatInvNorm, i)] = inv_norm;
+    const bool computed = th.kind == RowThreshold<acc_t>::kIterate || th.kind == RowThreshold<acc_t>::kSettled;
+    stats[P.stat_index(b, h, kStatEvaluations, i)] = static_cast<acc_t>(computed ? th.evaluations + 1 : 0);
   }
 }
 
@@ -896,7 +898,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& 
                "attention_backward: grad_out must have the output's shape (B, Hq, Lq, Dv) and dtype");
   ENTMAX_CHECK(stats.dim() == 4 && stats.size(0) == s.B && stats.size(1) == s.Hq && stats.size(2) == kNumStats &&
                    stats.size(3) == s.Lq && stats.scalar_type() == alpha.scalar_type() && stats.is_contiguous(),
-               "attention_backward: stats must be the forward's (B, Hq, 3, Lq) statistics");
+               "attention_backward: stats must be the forward's (B, Hq, 4, Lq) statistics");
   ENTMAX_CHECK(block_map.dim() == 4 && block_map.size(0) == s.B && block_map.size(1) == s.Hq &&
                    block_map.size(2) == nQ && block_map.size(3) == nK &&
                    block_map.scalar_type() == ScalarType::Byte && block_map.is_contiguous(),
