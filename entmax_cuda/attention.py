@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import _build
-from .functional import _FLOAT_DTYPES, _accumulation_dtype
+from .functional import _FLOAT_DTYPES, _accumulation_dtype, _alpha_per_row
 from .modules import AdaptiveEntmax
 
 __all__ = ["scaled_dot_product_entmax", "EntmaxAttention"]
@@ -184,16 +184,20 @@ def _as_bhld(t: torch.Tensor, batch_shape: tuple) -> torch.Tensor:
     return t.reshape(math.prod(batch_shape), *t.shape[-3:])
 
 
-def _alpha_rows(alpha, out_shape: tuple, Hq: int, B: int, acc: torch.dtype, device) -> torch.Tensor:
+def _broadcasts_to(shape, target: tuple) -> bool:
+    try:
+        return len(shape) <= len(target) and torch.broadcast_shapes(shape, target) == torch.Size(target)
+    except RuntimeError:
+        return False
+
+
+def _alpha_rows(alpha, out_shape: tuple, Hq: int, B: int, query: torch.Tensor) -> torch.Tensor:
     """alpha as one value per query row, (B, Hq, Lq) in the accumulation dtype (a broadcast view)."""
     Lq = out_shape[-2]
-    if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"scaled_dot_product_entmax: alpha must be a float or a tensor, got {type(alpha).__name__}")
-    if not isinstance(alpha, torch.Tensor):
-        value = float(alpha)
-        if not math.isfinite(value) or value < 1.0:
-            raise ValueError(f"scaled_dot_product_entmax: alpha must be a finite number >= 1, got {value}")
-        return torch.tensor(value, dtype=acc, device=device).expand(B, Hq, Lq)
+    device = query.device
+    if not isinstance(alpha, torch.Tensor):  # entmax's rule for a number (a finite float >= 1)
+        rows = torch.empty((), dtype=query.dtype, device=device).expand(B, Hq, Lq, 1)
+        return _alpha_per_row(alpha, rows, -1).reshape(B, Hq, Lq)
     if not alpha.is_floating_point():
         raise TypeError(f"scaled_dot_product_entmax: alpha must be a floating-point tensor, got {alpha.dtype}")
     if alpha.device != device:
@@ -211,15 +215,12 @@ def _alpha_rows(alpha, out_shape: tuple, Hq: int, B: int, acc: torch.dtype, devi
             "dimension (one alpha per query row, shared by its keys)"
         )
     row_shape = out_shape[:-1] + (1,)
-    try:
-        if alpha.dim() > len(row_shape) or torch.broadcast_shapes(alpha.shape, row_shape) != torch.Size(row_shape):
-            raise RuntimeError
-    except RuntimeError:
+    if not _broadcasts_to(alpha.shape, row_shape):
         raise ValueError(
             f"scaled_dot_product_entmax: alpha of shape {tuple(alpha.shape)} does not broadcast to the query rows "
             f"{row_shape} (float, 0-d, (Hq,), (1, Hq, 1, 1), (B, Hq, 1, 1) or (B, Hq, Lq, 1))"
-        ) from None
-    return alpha.to(acc).expand(row_shape).reshape(B, Hq, Lq)
+        )
+    return alpha.to(_accumulation_dtype(query.dtype)).expand(row_shape).reshape(B, Hq, Lq)
 
 
 def _mask_rows(mask: torch.Tensor, out_shape: tuple, Lk: int, B: int, Hq: int, query: torch.Tensor, name: str):
@@ -242,14 +243,11 @@ def _mask_rows(mask: torch.Tensor, out_shape: tuple, Lk: int, B: int, Hq: int, q
             "(it never forms the score matrix); detach it, or use the composite for a learned bias"
         )
     full = out_shape[:-1] + (Lk,)
-    try:
-        if mask.dim() > len(full) or torch.broadcast_shapes(mask.shape, full) != torch.Size(full):
-            raise RuntimeError
-    except RuntimeError:
+    if not _broadcasts_to(mask.shape, full):
         raise ValueError(
             f"scaled_dot_product_entmax: {name} of shape {tuple(mask.shape)} does not broadcast to the scores' "
             f"shape {full}"
-        ) from None
+        )
     if mask.dtype != torch.bool:
         mask = mask.to(_accumulation_dtype(query.dtype))
     return mask.expand(full).reshape(B, Hq, out_shape[-2], Lk)
@@ -266,9 +264,8 @@ def _scale_of(scale, E: int) -> float:
 def _attention(query, key, value, alpha, mask, causal: int, scale, enable_gqa: bool, mask_name: str):
     batch_shape, Hq, _, out_shape = _check_qkv(query, key, value, enable_gqa)
     B = math.prod(batch_shape)
-    acc = _accumulation_dtype(query.dtype)
     q, k, v = (_as_bhld(t, batch_shape) for t in (query, key, value))
-    alpha_rows = _alpha_rows(alpha, out_shape, Hq, B, acc, query.device)
+    alpha_rows = _alpha_rows(alpha, out_shape, Hq, B, query)
     mask_rows = None if mask is None else _mask_rows(mask, out_shape, key.shape[-2], B, Hq, query, mask_name)
     out, _, _ = forward_op(q, k, v, alpha_rows, mask_rows, causal, _scale_of(scale, query.shape[-1]))
     return out.reshape(out_shape)

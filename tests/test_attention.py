@@ -5,7 +5,7 @@ all-masked rows, block skipping, determinism, gradcheck, and the argument errors
 
 from __future__ import annotations
 
-import math
+import sys
 
 import pytest
 import torch
@@ -14,7 +14,10 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import entmax_cuda
 from entmax_cuda import attention
-from testing import ALPHA_GRAD_RTOL_FLOAT32, DEVICES, acc_dtype, requires_cuda
+from testing import ALPHA_GRAD_RTOL_FLOAT32, DEVICES, REPO_ROOT, acc_dtype, requires_cuda
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import bench_attention  # noqa: E402  (its locally structured inputs)
 
 # Until the CUDA kernel exists (part 2 of issue 10), a CUDA call raises NotImplementedError:
 # the CUDA variants are expected to fail that way, and run for real once it is registered.
@@ -361,16 +364,10 @@ def test_gradcheck_q_k_v_alpha(device, case):
 # ---------------------------------------------------------------- block skipping
 
 
-def local_inputs(B, H, L, E, beta=8.0, seed=0, dtype=torch.float64, device="cpu"):
-    """Locally structured q, k (rotary-like features: q_i . k_j peaks at j = i, scores up to
-    beta) and random v: most blocks far from the diagonal are exactly zero for alpha > 1."""
-    g = torch.Generator().manual_seed(seed)
-    omega = 0.05 + 0.95 * torch.rand(B, H, 1, E // 2, generator=g, dtype=torch.float64)
-    angle = omega * torch.arange(L, dtype=torch.float64).reshape(1, 1, L, 1)
-    x = torch.cat([angle.cos(), angle.sin()], -1) * math.sqrt(beta * math.sqrt(E) / (E // 2))
-    q = x + 0.1 * torch.randn(B, H, L, E, generator=g, dtype=torch.float64)
-    v = torch.randn(B, H, L, E, generator=g, dtype=torch.float64)
-    return tuple(t.to(dtype).to(device) for t in (q, x, v))
+def local_inputs(B, H, L, E, dtype=torch.float64, device="cpu"):
+    """The benchmark's locally structured q, k, v (scores peak at j = i): most blocks far from
+    the diagonal are exactly zero for alpha > 1."""
+    return bench_attention.make_inputs("local", B, H, L, E, dtype, device, seed=0)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0])

@@ -154,14 +154,16 @@ def test_torch_compile_sees_no_graph_break(device):
 # ---------------------------------------------------------------- memory
 
 _RSS_SCRIPT = textwrap.dedent("""
-    import json, os, resource, sys, torch
+    import ctypes, gc, json, os, resource, sys, torch
     sys.path.insert(0, sys.argv[1])
     import entmax_cuda
-    from test_attention import local_inputs
+    from bench_attention import make_inputs
     torch.set_num_threads(1)
     L, E = int(sys.argv[2]), 64
-    q, k, v = (t.requires_grad_() for t in local_inputs(1, 1, L, E, beta=12.0, dtype=torch.float32))
+    q, k, v = (t.requires_grad_() for t in make_inputs("local", 1, 1, L, E, torch.float32, "cpu", seed=0))
     grad_out = torch.randn(1, 1, L, E)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system: the call cannot hide in it
     with open("/proc/self/statm") as f:
         resident_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     out = entmax_cuda.scaled_dot_product_entmax(q, k, v, 2.0, is_causal=True)
@@ -174,18 +176,19 @@ _RSS_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_cpu_memory_at_32k_tokens_stays_far_below_one_score_matrix():
     """Forward and backward at Lq = Lk = 32768, E = 64 in a fresh process: its peak RSS grows by
-    tens of MB over the resident size before the call (the output and three gradients of 8 MiB
-    each, per-row statistics, the 512 x 512 block map), while one float32 score matrix alone is
-    4 GiB. (Linux: /proc and ru_maxrss in KiB.)"""
+    about 60 MiB over the resident size before the call (the output and three gradients of 8 MiB
+    each, float32 copies of k and v in tile layout, per-row statistics, the 512 x 512 block map);
+    one float32 score matrix alone is 4 GiB, and the test allows 1/16 of that.
+    (Linux: /proc, glibc's malloc_trim, ru_maxrss in KiB.)"""
     L = 32768
-    tests_dir = str(REPO_ROOT / "tests")
-    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, tests_dir, str(L)], capture_output=True, text=True,
-                          env=subprocess_env(), cwd=tests_dir, timeout=600)
+    benchmarks_dir = str(REPO_ROOT / "benchmarks")
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, benchmarks_dir, str(L)], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=benchmarks_dir, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     score_matrix = L * L * 4
     assert result["finite"]
-    assert result["peak_growth_bytes"] < score_matrix / 40, result  # < 100 MiB
+    assert result["peak_growth_bytes"] < score_matrix / 16, result  # < 256 MiB
 
 
 @requires_cuda
