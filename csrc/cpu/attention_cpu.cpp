@@ -127,11 +127,47 @@ void gemm(T* C, int64_t ldc, const T* A, int64_t am, int64_t ak, const T* B, int
 
 // ------------------------------------------------------------------ entry loops
 
+// Pass 0 over one row of a score tile: max (NaN ignored), number of unmasked
+// scores, and whether any score is NaN or +inf.
+template <typename T>
+struct RowScan {
+  T max;
+  int64_t count;
+  bool bad;
+};
+
+template <typename T>
+ATTENTION_CPU_CLONES RowScan<T> scan_row(const T* s, int64_t n) {
+  const T ninf = math::neg_inf<T>();
+  T m = ninf;
+  int64_t c = 0;
+  int bad = 0;
+#pragma omp simd reduction(max : m) reduction(+ : c) reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = s[j];
+    bad |= (x != x) | (x == -ninf);
+    c += x > ninf;
+    m = x > m ? x : m;
+  }
+  return RowScan<T>{m, c, bad != 0};
+}
+
 // score_entry of attention_math.h over one row of a tile, vectorised for float
 // (vector_math.h's exp/log1p, closed forms at alpha = 1.5 and 2; double uses the
 // header's scalar function). Writes p; adds sum p and sum p/z into *F, *minus_dF.
+// True when every score of a row segment is zero at threshold t (its max fails the zero
+// test): the special functions of the segment are skipped.
+template <typename T>
+inline bool row_segment_is_zero(const T* s, int64_t n, T m, T t, T eps) {
+  return zero_at_or_above(scan_row(s, n).max - m, t, eps);
+}
+
 template <typename T>
 ATTENTION_CPU_CLONES void row_entries(const T* s, T* p, int64_t n, T m, T t, T eps, T inv_eps, T* F, T* minus_dF) {
+  if (row_segment_is_zero(s, n, m, t, eps)) {
+    for (int64_t j = 0; j < n; ++j) p[j] = T(0);
+    return;
+  }
   T f = 0, dz = 0;
   if constexpr (std::is_same<T, float>::value) {
     if (eps == 0.0f) {
@@ -178,31 +214,6 @@ ATTENTION_CPU_CLONES void row_entries(const T* s, T* p, int64_t n, T m, T t, T e
   }
   *F += f;
   *minus_dF += dz;
-}
-
-// Pass 0 over one row of a score tile: max (NaN ignored), number of unmasked
-// scores, and whether any score is NaN or +inf.
-template <typename T>
-struct RowScan {
-  T max;
-  int64_t count;
-  bool bad;
-};
-
-template <typename T>
-ATTENTION_CPU_CLONES RowScan<T> scan_row(const T* s, int64_t n) {
-  const T ninf = math::neg_inf<T>();
-  T m = ninf;
-  int64_t c = 0;
-  int bad = 0;
-#pragma omp simd reduction(max : m) reduction(+ : c) reduction(| : bad)
-  for (int64_t j = 0; j < n; ++j) {
-    const T x = s[j];
-    bad |= (x != x) | (x == -ninf);
-    c += x > ninf;
-    m = x > m ? x : m;
-  }
-  return RowScan<T>{m, c, bad != 0};
 }
 
 // Backward, one row of a float tile (eps > 0): p_hat into P, g into G, and the row
@@ -291,6 +302,10 @@ __attribute__((always_inline)) inline void backward_row_softmax_f32(const float*
 template <typename T>
 ATTENTION_CPU_CLONES void backward_row_entries(const T* s, const T* dp, T* P, T* G, int64_t n, const BackwardRow<T>& r,
                                                bool alpha_grad, BackwardSums<double>& sums) {
+  if (row_segment_is_zero(s, n, r.m, r.t, r.eps)) {
+    for (int64_t j = 0; j < n; ++j) P[j] = G[j] = T(0);
+    return;
+  }
   if constexpr (std::is_same<T, float>::value) {
     BackwardSums<float> part;
     part.zero();
