@@ -208,7 +208,7 @@ def _alpha_rows(alpha, out_shape: tuple, Hq: int, B: int, query: torch.Tensor) -
                 f"scaled_dot_product_entmax: a 1-d alpha holds one value per query head ({Hq}), got shape "
                 f"{tuple(alpha.shape)}"
             )
-        alpha = alpha.reshape(-1, 1, 1)
+        alpha = alpha.reshape(()) if alpha.shape[0] == 1 else alpha.reshape(Hq, 1, 1)
     elif alpha.dim() >= 2 and alpha.shape[-1] != 1:
         raise ValueError(
             f"scaled_dot_product_entmax: alpha of shape {tuple(alpha.shape)} must have size 1 in its last "
@@ -291,6 +291,9 @@ def scaled_dot_product_entmax(query, key, value, alpha=1.5, attn_mask=None, is_c
     j <= i); not together with attn_mask. scale: default 1/sqrt(E).
     A query row whose keys are all masked gives a zero output row and zero gradients.
     Float32 is computed exactly (no TF32); float16/bfloat16 accumulate in float32.
+    Memory is linear in the lengths: masks are read through broadcast views (with more than
+    one batch dimension, a mask broadcast over some of them but not the others is copied to
+    the scores' full shape). Gradients of masks are not supported.
     """
     if not isinstance(is_causal, bool):
         raise TypeError(f"scaled_dot_product_entmax: is_causal must be a bool, got {type(is_causal).__name__}")

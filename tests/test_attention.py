@@ -332,6 +332,13 @@ def test_batch_dimensions_broadcast_and_follow_sdpa_shapes(device):
         x = torch.randn(shape, dtype=torch.float64, device=device)
         torch.testing.assert_close(entmax_cuda.scaled_dot_product_entmax(x, x, x, 1.0),
                                    F.scaled_dot_product_attention(x, x, x), rtol=0, atol=1e-12)
+        one_alpha = torch.tensor([1.5], dtype=torch.float64, device=device)  # (Hq,) with Hq = 1, or per head
+        torch.testing.assert_close(entmax_cuda.scaled_dot_product_entmax(x, x, x, one_alpha[0] if len(shape) == 2
+                                                                         else one_alpha.expand(4)),
+                                   entmax_cuda.scaled_dot_product_entmax(x, x, x, 1.5), rtol=0, atol=0)
+    x = torch.randn(10, 8, dtype=torch.float64, device=device)
+    torch.testing.assert_close(entmax_cuda.scaled_dot_product_entmax(x, x, x, torch.tensor([1.5], device=device)),
+                               entmax_cuda.scaled_dot_product_entmax(x, x, x, 1.5), rtol=0, atol=0)
 
 
 def test_explicit_scale(device):
