@@ -16,11 +16,16 @@ import entmax_cuda
 from entmax_cuda import attention
 from testing import DEVICES, REPO_ROOT, acc_dtype, requires_cuda, subprocess_env
 
+# Until the CUDA kernel exists (part 2 of issue 10): the op checks on CUDA are skipped (opcheck and
+# torch.compile would report the missing kernel wrapped in their own errors), the CUDA-only checks
+# below are expected to fail with NotImplementedError; test_attention.py's CUDA variants xfail too.
+_NO_CUDA_KERNEL = "the fused attention has no CUDA kernel in this build yet"
 cuda_kernel_pending = pytest.mark.xfail(not attention._HAS_CUDA_KERNEL, raises=NotImplementedError, strict=True,
-                                        reason="the fused attention has no CUDA kernel in this build yet")
+                                        reason=_NO_CUDA_KERNEL)
 
 
-@pytest.fixture(params=[DEVICES[0], pytest.param(DEVICES[1].values[0], marks=[*DEVICES[1].marks, cuda_kernel_pending])])
+@pytest.fixture(params=[DEVICES[0], pytest.param(DEVICES[1].values[0], marks=[
+    *DEVICES[1].marks, pytest.mark.skipif(not attention._HAS_CUDA_KERNEL, reason=_NO_CUDA_KERNEL)])])
 def device(request) -> str:
     return request.param
 
