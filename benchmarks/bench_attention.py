@@ -312,7 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", type=_csv, default=None, help="float32,float16,bfloat16,float64 (plan default)")
     p.add_argument("--causal", type=_csv, default=["no", "yes"], help="no,yes (default both)")
     p.add_argument("--inputs", type=_csv, default=INPUTS, help="random,local (default both)")
-    p.add_argument("--alphas", type=_csv, default=ALPHA_MODES, help="1.5,head (default both)")
+    p.add_argument("--alphas", type=_csv, default=ALPHA_MODES,
+                   help="1.5,head (default both); any number >= 1 is a fixed alpha (SDPA/AdaSplash run at 1.5 only)")
     p.add_argument("--methods", type=_csv, default=METHODS, help=f"from {','.join(METHODS)} (default all)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
