@@ -53,7 +53,7 @@ PLANS = {  # lengths, head dims, dtypes, batch, heads
 }
 QUICK_LENGTHS = {"cpu": [512, 2048], "cuda": [1024, 8192]}
 LOCAL_PEAK = 8.0  # the local inputs' largest score
-COMPOSITE_MEMORY_FRACTION = 0.8  # CUDA: skip the composite when its score matrices would exceed this share of free memory
+COMPOSITE_MEMORY_FRACTION = 0.8  # CUDA: skip the composite where its score matrices exceed this share of free memory
 CPU_COMPOSITE_LIMIT_BYTES = 8 * 2**30
 
 
@@ -136,7 +136,8 @@ def not_planned(method, alpha_mode, L, B, H, dtype, device):
             if need > COMPOSITE_MEMORY_FRACTION * free:
                 return f"score matrices need ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
         elif need > CPU_COMPOSITE_LIMIT_BYTES:
-            return f"score matrices need ~{need / 2**30:.0f} GiB (CPU limit {CPU_COMPOSITE_LIMIT_BYTES / 2**30:.0f} GiB)"
+            limit = CPU_COMPOSITE_LIMIT_BYTES / 2**30
+            return f"score matrices need ~{need / 2**30:.0f} GiB (CPU limit {limit:.0f} GiB)"
     return None
 
 

@@ -179,7 +179,11 @@ struct RowThreshold {
   int kind;
   bool ready;
 
-  ENTMAX_HD RowThreshold() : eps(0), inv_eps(0), m(0), lo(0), rf(T(0), T(0)), evaluations(0), kind(kEmpty), ready(true) {}
+  ENTMAX_HD RowThreshold()
+      : eps(0), inv_eps(0), m(0), lo(0), rf(T(0), T(0)), evaluations(0), kind(kEmpty), ready(true) {}
+
+  // The row has entries to compute (not bad, not all masked).
+  ENTMAX_HD bool computes() const { return kind == kIterate || kind == kSettled; }
 
   // alpha: the row's alpha; m: its max score; d: its number of unmasked keys;
   // bad: it holds a NaN or +inf score; cand: its pass-0 candidates.

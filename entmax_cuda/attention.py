@@ -150,7 +150,9 @@ def _check_qkv(query, key, value, enable_gqa: bool):
             )
     Hq, Hk, Hv = _heads(query), _heads(key), _heads(value)
     if Hk != Hv:
-        raise ValueError(f"scaled_dot_product_entmax: key and value must have the same number of heads, got {Hk} and {Hv}")
+        raise ValueError(
+            f"scaled_dot_product_entmax: key and value must have the same number of heads, got {Hk} and {Hv}"
+        )
     if Hk != Hq and Hk != 1:
         if not enable_gqa:
             raise ValueError(
@@ -359,7 +361,9 @@ class EntmaxAttention(nn.Module):
         if key_padding_mask is None:
             return attn_mask
         if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"EntmaxAttention: key_padding_mask must be a tensor, got {type(key_padding_mask).__name__}")
+            raise TypeError(
+                f"EntmaxAttention: key_padding_mask must be a tensor, got {type(key_padding_mask).__name__}"
+            )
         want = tuple(q.shape[:-3]) + (k.shape[-2],)
         if tuple(key_padding_mask.shape) != want:
             raise ValueError(

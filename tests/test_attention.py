@@ -97,9 +97,10 @@ def _check_against_composite(q, k, v, alpha, mask=None, causal=None, enable_gqa=
     def fused(q, k, v, a):
         return entmax_cuda.scaled_dot_product_entmax(q, k, v, a, attn_mask=attn_mask, enable_gqa=enable_gqa)
 
+    wide_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+
     def reference(q, k, v, a):
-        return composite(q, k, v, a, mask=None if mask is None else (mask if mask.dtype == torch.bool else mask.double()),
-                         causal=causal)
+        return composite(q, k, v, a, mask=wide_mask, causal=causal)
 
     grad_out = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=torch.float64, device=q.device).to(dtype)
     out, grads = _grads(fused, (q, k, v, alpha_t), grad_out)

@@ -482,7 +482,8 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
       if (want[kKeysT]) load_transposed(dst + tiles.offset[kKeysT], k, P.k.s2, P.k.s3, keys, P.D);
       if (want[kKeys]) load_rows(dst + tiles.offset[kKeys], P.Dp, kBlockK, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
       if (want[kValuesT]) load_transposed(dst + tiles.offset[kValuesT], v, P.v.s2, P.v.s3, keys, P.Dv);
-      if (want[kValues]) load_rows(dst + tiles.offset[kValues], P.Dvp, kBlockK, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
+      if (want[kValues])
+        load_rows(dst + tiles.offset[kValues], P.Dvp, kBlockK, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
     }
   });
   return tiles;
@@ -577,7 +578,8 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
         const RowThreshold<acc_t>& th = w.th[w.pending[c]];
         if (zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps)) continue;
         acc_t f = 0, dz = 0;
-        row_entries<acc_t>(w.S.data() + c * kBlockK, w.Pt.data() + c * kBlockK, kBlockK, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
+        row_entries<acc_t>(w.S.data() + c * kBlockK, w.Pt.data() + c * kBlockK, kBlockK, th.m, th.t(), th.eps,
+                           th.inv_eps, &f, &dz);
         w.F[c] += f;
         w.minus_dF[c] += dz;
       }
@@ -598,7 +600,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     bool active = false;
     for (int64_t r = 0; r < n_rows && !active; ++r) {
       const RowThreshold<acc_t>& th = w.th[r];
-      if (th.kind == RowThreshold<acc_t>::kIterate || th.kind == RowThreshold<acc_t>::kSettled)
+      if (th.computes())
         active = !zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps);
     }
     // A bad row's gradient is NaN wherever it can attend (the backward visits its blocks).
@@ -609,7 +611,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     for (int64_t r = 0; r < n_rows; ++r) {
       const RowThreshold<acc_t>& th = w.th[r];
       acc_t* p = w.Pt.data() + r * kBlockK;
-      const bool computing = th.kind == RowThreshold<acc_t>::kIterate || th.kind == RowThreshold<acc_t>::kSettled;
+      const bool computing = th.computes();
       if (!computing || zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps)) {
         std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * kBlockK);
         continue;
@@ -638,13 +640,12 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       inv_norm = static_cast<acc_t>(1.0 / w.F[r]);
       o_scale = inv_norm;
     }
-    // bad and empty rows have P = 0: O = 0, times NaN or 0
-    const acc_t* orow = w.O.data() + r * P.Dvp;
-    for (int64_t d = 0; d < P.Dv; ++d) o[d] = static_cast<scalar_t>(th.kind == RowThreshold<acc_t>::kBad ? o_scale : orow[d] * o_scale);
+    const acc_t* orow = w.O.data() + r * P.Dvp;  // bad and empty rows: O = 0, scaled by NaN or 0
+    for (int64_t d = 0; d < P.Dv; ++d) o[d] = static_cast<scalar_t>(orow[d] * o_scale);
     stats[P.stat_index(b, h, kStatMax, i)] = m;
     stats[P.stat_index(b, h, kStatThreshold, i)] = t;
     stats[P.stat_index(b, h, kStatInvNorm, i)] = inv_norm;
-    const bool computed = th.kind == RowThreshold<acc_t>::kIterate || th.kind == RowThreshold<acc_t>::kSettled;
+    const bool computed = th.computes();
     stats[P.stat_index(b, h, kStatEvaluations, i)] = static_cast<acc_t>(computed ? th.evaluations + 1 : 0);
   }
 }
@@ -660,7 +661,8 @@ struct BackwardScratch {
   std::vector<int64_t> rows;
   std::vector<BackwardSums<double>> sums;
   explicit BackwardScratch(const Problem<scalar_t, acc_t>& P)
-      : Q(kBlockQ * P.Dp), dO(kBlockQ * P.Dvp), S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P(kBlockQ * kBlockK), G(kBlockQ * kBlockK),
+      : Q(kBlockQ * P.Dp), dO(kBlockQ * P.Dvp), S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P(kBlockQ * kBlockK),
+        G(kBlockQ * kBlockK),
         acc_d(std::max(kBlockQ, kBlockK) * P.Dp), acc_dv(kBlockK * P.Dvp), row(kBlockQ), q(kBlockQ), bad(kBlockQ),
         rows(kBlockQ), sums(kBlockQ) {}
 };
@@ -698,7 +700,8 @@ void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t,
     acc_t* g = w.G.data() + r * kBlockK;
     if (w.bad[r]) {  // NaN statistics: NaN gradients wherever the row attends
       const acc_t* s = w.S.data() + r * kBlockK;
-      for (int64_t j = 0; j < kBlockK; ++j) p[j] = g[j] = s[j] > math::neg_inf<acc_t>() ? math::quiet_nan<acc_t>() : acc_t(0);
+      for (int64_t j = 0; j < kBlockK; ++j)
+        p[j] = g[j] = s[j] > math::neg_inf<acc_t>() ? math::quiet_nan<acc_t>() : acc_t(0);
       continue;
     }
     if (w.row[r].empty) {
@@ -729,7 +732,8 @@ void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows) {
 // active blocks), then dQ (second loop, scores and dP recomputed).
 template <typename scalar_t, typename acc_t>
 void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
-                         const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats, const uint8_t* block_map, bool alpha_grad,
+                         const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats,
+                         const uint8_t* block_map, bool alpha_grad,
                          int64_t b, int64_t h, int64_t qt, scalar_t* dq, acc_t* q_rows, acc_t* dalpha) {
   const int64_t hk = h / P.group;
   const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
@@ -767,7 +771,8 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
 // and every query tile whose block is active.
 template <typename scalar_t, typename acc_t>
 void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
-                       const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats, const uint8_t* block_map, const acc_t* q_rows,
+                       const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats,
+                       const uint8_t* block_map, const acc_t* q_rows,
                        int64_t b, int64_t hk, int64_t kt, scalar_t* dk, scalar_t* dv) {
   acc_t* dK = w.acc_d.data();
   acc_t* dV = w.acc_dv.data();
