@@ -493,6 +493,7 @@ def _qkv():
     (lambda q, k, v: (q.long(), k, v), TypeError, "query must be float16"),
     (lambda q, k, v: (q, k.double(), v), TypeError, "same dtype"),
     (lambda q, k, v: (q.to("meta"), k.to("meta"), v.to("meta")), ValueError, "CPU or a CUDA"),
+    (lambda q, k, v: (q, k.to("meta"), v), ValueError, "same device"),
     (lambda q, k, v: (q[..., :4], k, v), ValueError, "same last dimension"),
     (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "same length"),
     (lambda q, k, v: (q, k[:, :1], v), ValueError, "same number of heads"),
@@ -525,6 +526,7 @@ def test_gqa_heads_must_divide():
     (torch.full((1, 2, 4, 5), 1.5), ValueError, "size 1 in its last dimension"),
     (torch.full((1, 2, 3, 1), 1.5), ValueError, "does not broadcast"),
     (torch.full((2, 1, 2, 4, 1), 1.5), ValueError, "does not broadcast"),
+    (torch.full((2,), 1.5, device="meta"), ValueError, "alpha is on meta"),
 ])
 def test_bad_alpha_gets_a_clear_error(alpha, error, match):
     with pytest.raises(error, match=match):
@@ -536,6 +538,7 @@ def test_bad_alpha_gets_a_clear_error(alpha, error, match):
     ({"attn_mask": torch.zeros(4, 5, dtype=torch.float64)}, TypeError, "float32 or query's dtype"),
     ({"attn_mask": torch.ones(4, 6, dtype=torch.bool)}, ValueError, "does not broadcast"),
     ({"attn_mask": torch.zeros(4, 5, requires_grad=True)}, ValueError, "requires grad"),
+    ({"attn_mask": torch.ones(4, 5, dtype=torch.bool, device="meta")}, ValueError, "attn_mask is on meta"),
     ({"attn_mask": torch.ones(4, 5, dtype=torch.bool), "is_causal": True}, ValueError, "not both"),
     ({"attn_mask": causal_lower_right(4, 5), "is_causal": True}, ValueError, "CausalBias"),
     ({"attn_mask": causal_lower_right(4, 6)}, ValueError, "lengths"),
