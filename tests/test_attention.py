@@ -276,6 +276,16 @@ def test_zero_length_keys_give_zero_output(device):
     assert q.grad.eq(0).all()
 
 
+def test_plus_infinity_in_an_additive_mask_gives_a_nan_row_as_the_composite(device):
+    q, k, v = _inputs(1, 1, 1, 4, 6, 4, device=device)
+    bias = torch.zeros(4, 6, dtype=torch.float64, device=device)
+    bias[1, 2] = float("inf")
+    out = entmax_cuda.scaled_dot_product_entmax(q, k, v, 1.5, attn_mask=bias)
+    want = composite(q, k, v, 1.5, mask=bias)
+    assert torch.isnan(out[0, 0, 1]).all() and torch.isnan(want[0, 0, 1]).all()
+    torch.testing.assert_close(out[0, 0, [0, 2, 3]], want[0, 0, [0, 2, 3]], rtol=0, atol=1e-12)
+
+
 def test_nan_in_a_query_row_gives_nan_in_that_row_only(device):
     q, k, v = _inputs(1, 1, 1, 6, 10, 4, device=device)
     q[0, 0, 2, 1] = float("nan")
@@ -340,6 +350,26 @@ def test_batch_dimensions_broadcast_and_follow_sdpa_shapes(device):
     x = torch.randn(10, 8, dtype=torch.float64, device=device)
     torch.testing.assert_close(entmax_cuda.scaled_dot_product_entmax(x, x, x, torch.tensor([1.5], device=device)),
                                entmax_cuda.scaled_dot_product_entmax(x, x, x, 1.5), rtol=0, atol=0)
+
+
+def test_gradients_of_broadcast_batch_dimensions_are_summed(device):
+    q = torch.randn(1, 2, 9, 8, dtype=torch.float64, device=device, requires_grad=True)
+    k, v = (torch.randn(3, 2, 11, 8, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(3, 2, 9, 8, dtype=torch.float64, device=device)
+    got = torch.autograd.grad(entmax_cuda.scaled_dot_product_entmax(q, k, v, 1.5), (q, k, v), grad_out)
+    want = torch.autograd.grad(composite(q.expand(3, -1, -1, -1), k, v, 1.5), (q, k, v), grad_out)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_empty_query_length(device):
+    q = torch.randn(2, 3, 0, 8, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 3, 5, 8, device=device, requires_grad=True) for _ in range(2))
+    out = entmax_cuda.scaled_dot_product_entmax(q, k, v)
+    assert out.shape == (2, 3, 0, 8)
+    out.sum().backward()
+    assert k.grad.eq(0).all() and v.grad.eq(0).all()
 
 
 def test_explicit_scale(device):
