@@ -36,7 +36,7 @@ using math::widen;
 // The hot loops, compiled for AVX-512, AVX2 and baseline x86-64; the CPU picks
 // at load time (GCC function multi-versioning), as in entmax_cpu.cpp.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ATTENTION_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define ATTENTION_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
 #define ATTENTION_CPU_CLONES
 #endif
