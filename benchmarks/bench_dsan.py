@@ -6,8 +6,8 @@
 
 The same `--warmup` + `--batches` training batches (batch 512, shuffled with a fixed seed) run
 through one full training step each -- item-embedding renormalisation, host-to-device copy,
-forward, full-catalogue cross-entropy, backward, Adam (amsgrad) step, exactly as dsan/train.py
-does -- for every backend: adaptive-entmax (the fused entmax_cuda op), softmax,
+forward, full-catalogue cross-entropy (DSAN.loss), backward, Adam (amsgrad) step, as dsan's
+Trainer does -- for every backend: adaptive-entmax (the fused entmax_cuda op), softmax,
 entmax-bisect-lib (the `entmax` library's entmax_bisect, 50 steps) and entmax-reference (the
 project's pure-PyTorch bisection, 50 steps). Every backend starts from the same seed and
 weights. Only the timed batches count (warm-up excluded); the batch tensors are cut before
@@ -106,8 +106,7 @@ def train_step(model, optimizer, batch, device):
     items = items.to(device, non_blocking=True)
     lengths = lengths.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
-    scores = model(items, lengths)
-    loss = torch.nn.functional.cross_entropy(scores, targets - 1, reduction="sum")
+    loss = model.loss(model(items, lengths), targets, reduction="sum")
     optimizer.zero_grad(set_to_none=True)
     (loss / len(targets)).backward()
     optimizer.step()

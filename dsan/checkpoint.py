@@ -1,43 +1,68 @@
-"""Atomic file writes and checkpoint loading (weights only: no foreign pickles)."""
+"""Checkpoints: written atomically, loaded as weights only (never code from a pickle), and
+checked to be dsan checkpoints before use."""
 
 from __future__ import annotations
 
-import os
+import io
+import pickle
 from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
+from .files import write_atomically
 
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+REQUIRED_KEYS = ("model", "model_args")
 
 
 def save_checkpoint(state: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Serialised in memory first: torch.save reports a full disk as a RuntimeError, a plain
+    write as the OSError that write_atomically turns into a clear message."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically({path: buffer.getvalue()})
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a foreign file can fail anywhere in the unpickler (KeyError, EOFError, ...)
+        said = str(e).strip().split(". ")[0].splitlines()[0][:160] if str(e).strip() else ""
+        reason = f": {said}" if said and isinstance(e, (RuntimeError, pickle.UnpicklingError, EOFError)) else ""
+        raise CheckpointError(f"{path}: not a readable dsan checkpoint (corrupt, truncated or written by another "
+                              f"program){reason}") from None
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a dsan checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
+    return state
+
+
+def restore(module, state_dict, path) -> None:
+    """module.load_state_dict, with a clear error when the checkpoint's tensors do not fit."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: its tensors do not fit this model ({first[0][:200] if first else e})") from None
 
 
 def load_model(run_dir, which: str = "best", attention: str | None = None, map_location="cpu"):
     """(model in eval mode, checkpoint) from RUN/{best,last}.pt."""
     from .model import DSAN
 
-    state = load_checkpoint(Path(run_dir) / f"{which}.pt", map_location)
-    args = dict(state["model_args"])
-    if attention is not None:
-        args["attention"] = attention
-    model = DSAN(**args)
-    model.load_state_dict(state["model"])
+    path = Path(run_dir) / f"{which}.pt"
+    state = load_checkpoint(path, map_location)
+    try:
+        args = dict(state["model_args"])
+        if attention is not None:
+            args["attention"] = attention
+        model = DSAN(**args)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model_args do not describe a DSAN model ({e})") from None
+    restore(model, state["model"], path)
     model.eval()
     return model, state

@@ -1,128 +1,117 @@
-"""Command line: dsan prepare | train | evaluate | explain | tune | demo."""
+"""Command line: dsan prepare | train | evaluate | explain | tune | demo. It parses the
+arguments, calls the library, and turns a user's mistake into one line and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
-
-import yaml
 
 from . import config as config_module
-from .model import ATTENTION_CHOICES
+from .config import DEFAULTS, PROTOCOL_NAMES, add_options, given_options
+from .data import DEFAULT_PROTOCOL, SYNTHETIC_ITEMS, SYNTHETIC_SEED, SYNTHETIC_SESSIONS
+from .errors import DsanError
 
-DEMO_EPOCHS = 4
-
-
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    """Training options default to None so that only the ones given override the config."""
-    d = config_module.DEFAULTS
-    parser.add_argument("--epochs", type=int, help=f"maximum epochs (default {d['epochs']})")
-    parser.add_argument("--batch-size", type=int, help=f"global batch size (default {d['batch_size']})")
-    parser.add_argument("--eval-batch-size", type=int, help=f"(default {d['eval_batch_size']})")
-    parser.add_argument("--lr", type=float, help=f"Adam (amsgrad) learning rate (default {d['lr']})")
-    parser.add_argument("--dropout", type=float, help=f"(default {d['dropout']})")
-    parser.add_argument("--wk", type=float, help=f"normalised weight of the cosine scores (default {d['wk']})")
-    parser.add_argument("--embedding-dim", type=int, help=f"item embedding size (default {d['embedding_dim']})")
-    parser.add_argument("--attention", help=f"{' | '.join(ATTENTION_CHOICES)} (default {d['attention']})")
-    parser.add_argument("--patience", type=int, help=f"early-stopping patience in epochs (default {d['patience']})")
-    parser.add_argument("--seed", type=int, help=f"(default {d['seed']})")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto: CUDA when available)")
-    parser.add_argument("--valid-fraction", type=float,
-                        help="latest fraction of training sessions held out for validation; 0 = no selection: "
-                             f"train on all sessions for --epochs epochs and test the last (default {d['valid_fraction']})")
-    parser.add_argument("--refit", action="store_const", const=True,
-                        help="after validation selects epoch E (early stopping as usual), retrain from scratch on "
-                             "all training sessions for E epochs and test only that model (in RUN/refit)")
-    parser.add_argument("--bucket-pool", type=int,
-                        help=f"sort each pool of N shuffled batches by length (less padding); 0 = plain random "
-                             f"batches (default {d['bucket_pool']})")
-    parser.add_argument("--selection-metric", help=f"validation metric for early stopping and the checkpoint "
-                                                   f"(default {d['selection_metric']})")
-    parser.add_argument("--select-on-test", action="store_const", const=True,
-                        help="ORIGINAL PROTOCOL, optimistic: train on all training sessions and pick the epoch "
-                             "with the best TEST metric")
-    parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / processes)")
-    parser.add_argument("--max-minutes", type=float,
-                        help="wall-clock budget: stop before an epoch that would overrun it, then test "
-                             "(--resume continues later)")
-    parser.add_argument("--max-train-batches", type=int, help="debug/timing: only the first N batches per epoch")
-    parser.add_argument("--max-eval-batches", type=int, help="debug/timing: only the first N evaluation batches")
-    parser.add_argument("--config", help="YAML or JSON file of options (defaults < file < command line)")
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 
-def _training_overrides(args) -> dict:
-    return {key: getattr(args, key) for key in config_module.DEFAULTS if key not in ("run",) and hasattr(args, key)}
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+
+def _command(commands, name, help, description=None):
+    return commands.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsan", description="DSAN session-based recommender (AAAI 2021)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="dsan", formatter_class=HelpFormatter,
+        description="DSAN session-based recommender (Yuan et al., AAAI 2021) on the fused entmax_cuda kernels.",
+        epilog="Errors in data or options end a command with one line and exit status 2; Ctrl-C with 130.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prepare = commands.add_parser("prepare", help="raw logs -> session text (train.txt, test.txt, stats.json)")
-    prepare.add_argument("dataset", choices=["diginetica", "retailrocket", "synthetic"])
-    prepare.add_argument("--raw", help="diginetica: train-item-views.csv; retailrocket: events.csv "
-                                       "(or the sessionized TSV sample)")
-    prepare.add_argument("--out", required=True, help="output data folder")
-    prepare.add_argument("--protocol", choices=["dsan", "srgnn"], default="dsan",
-                         help="dsan: min prefix 2 (the paper); srgnn: min prefix 1")
+    prepare = _command(commands, "prepare", "raw logs -> session text (train.txt, test.txt, stats.json)")
+    prepare.add_argument("dataset", choices=["diginetica", "retailrocket", "synthetic"], help="the raw format")
+    prepare.add_argument("--raw", metavar="FILE",
+                         help="REQUIRED for diginetica (train-item-views.csv) and retailrocket (events.csv, or the "
+                              "sessionized TSV sample); not used for synthetic")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="output data folder (required)")
+    prepare.add_argument("--protocol", choices=PROTOCOL_NAMES, default=DEFAULT_PROTOCOL,
+                         help="dsan: sessions >= 3 clicks, inputs >= 2 clicks (the paper); srgnn: >= 2 and >= 1 "
+                              "(default: %(default)s)")
     prepare.add_argument("--unsorted", action="store_true",
-                         help="diginetica: keep file order inside sessions (reproduces the paper's old, wrong order)")
-    prepare.add_argument("--seed", type=int, default=1, help="synthetic: generator seed")
-    prepare.add_argument("--sessions", type=int, default=6000, help="synthetic: number of sessions")
-    prepare.add_argument("--items", type=int, default=400, help="synthetic: number of items")
+                         help="diginetica: keep the file's order inside sessions, which the paper's camera-ready "
+                              "numbers used (wrong; for comparison only) (default: sorted by eventdate, timeframe)")
+    prepare.add_argument("--seed", type=int, default=SYNTHETIC_SEED, help="synthetic: generator seed (default: %(default)s)")
+    prepare.add_argument("--sessions", type=int, default=SYNTHETIC_SESSIONS, help="synthetic: sessions (default: %(default)s)")
+    prepare.add_argument("--items", type=int, default=SYNTHETIC_ITEMS, help="synthetic: items (default: %(default)s)")
 
-    train = commands.add_parser("train", help="train DSAN")
-    train.add_argument("--data", help="data folder with train.txt and test.txt")
-    train.add_argument("--run", "--run-dir", dest="run", required=True,
-                       help="run directory (checkpoints, metrics, config); under torchrun spell it --run-dir "
-                            "(torchrun reads --run as an abbreviation of its own --run-path)")
-    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --run")
-    train.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stdout")
-    _add_training_options(train)
+    train = _command(commands, "train", "train DSAN (and test the selected model)",
+                     "Train DSAN. Options: defaults < --config file < command line; the run directory keeps "
+                     "config.yaml, metrics.jsonl, train.log, best.pt, last.pt and test_metrics.json.")
+    train.add_argument("--run", "--run-dir", dest="run", required=True, metavar="RUN",
+                       help="run directory (required); under torchrun spell it --run-dir (torchrun reads --run as "
+                            "its own --run-path)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in RUN after an interruption (default: start a new run)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stdout (default: shown)")
+    train.add_argument("--config", metavar="FILE",
+                       help="YAML or JSON file of options, keys as the option names (default: none)")
+    add_options(train)
 
-    evaluate = commands.add_parser("evaluate", help="HR/MRR/NDCG@5/10/20 with full ranking")
-    evaluate.add_argument("--run", help="run directory (for --model dsan)")
+    evaluate = _command(commands, "evaluate", "HR/MRR/NDCG@5/10/20 with full ranking; the last line is JSON")
+    evaluate.add_argument("--run", metavar="RUN", help="run directory (required for --model dsan)")
     evaluate.add_argument("--model", choices=["dsan", "pop"], default="dsan",
-                          help="pop: most-popular baseline from the training clicks (needs --data, no --run)")
-    evaluate.add_argument("--data", help="data folder (default: the run's)")
-    evaluate.add_argument("--split", choices=["test", "valid"], default="test")
-    evaluate.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    evaluate.add_argument("--attention", help="evaluate with another normaliser (same weights)")
-    evaluate.add_argument("--valid-fraction", type=float, help="for --model pop --split valid (default 0.1)")
-    evaluate.add_argument("--batch-size", type=int, default=512)
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+                          help="pop: the most-popular baseline from the training clicks, needs --data "
+                               "(default: %(default)s)")
+    evaluate.add_argument("--data", metavar="DIR", help="data folder (default: the run's)")
+    evaluate.add_argument("--split", choices=["test", "valid"], default="test",
+                          help="the test set, or the run's validation split (default: %(default)s)")
+    evaluate.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                          help="best: the selected epoch; last: the latest (default: %(default)s)")
+    evaluate.add_argument("--attention", metavar="NAME", help="evaluate the same weights with another normaliser (default: the run's)")
+    evaluate.add_argument("--valid-fraction", type=float, default=DEFAULTS.valid_fraction, metavar="X",
+                          help="--model pop --split valid: the latest fraction of training sessions that validates "
+                               "(default: %(default)s)")
+    add_options(evaluate, ["eval_batch_size", "device", "protocol"], flags={"eval_batch_size": "--batch-size"})
 
-    explain = commands.add_parser("explain", help="heat maps of one test session's attention (PNG)")
-    explain.add_argument("--run", required=True)
-    explain.add_argument("--test-index", type=int, required=True, help="index into the prefix-expanded test set")
-    explain.add_argument("--out", required=True, help="PNG path")
-    explain.add_argument("--data", help="data folder (default: the run's)")
-    explain.add_argument("--attention", help="the learned side's normaliser (default: the run's)")
-    explain.add_argument("--compare-with", default="softmax")
+    explain = _command(commands, "explain", "heat maps of one test session's attention (PNG)")
+    explain.add_argument("--run", required=True, metavar="RUN", help="run directory (required)")
+    explain.add_argument("--out", required=True, metavar="PNG", help="figure path (required)")
+    explain.add_argument("--test-index", type=int, metavar="N",
+                         help="sample of the prefix-expanded test set (default: the longest test prefix)")
+    explain.add_argument("--data", metavar="DIR", help="data folder (default: the run's)")
+    explain.add_argument("--attention", metavar="NAME", help="the learned side's normaliser (default: the run's)")
+    explain.add_argument("--compare-with", metavar="NAME",
+                         help="the other side's normaliser (default: softmax; entmax-reference beside a softmax run)")
+    add_options(explain, ["protocol"])
 
-    tune = commands.add_parser("tune", help="grid search of the technical appendix, selected on validation")
-    tune.add_argument("--data", required=True)
-    tune.add_argument("--out", required=True, help="folder for runs/, results.csv, results.md")
-    tune.add_argument("--grid", choices=["appendix"], default="appendix")
-    tune.add_argument("--subset", help="e.g. 'lr=0.001,0.003;dropout=0.5;wk=10,20' (others: the full grid)")
-    tune.add_argument("--epochs", type=int)
-    tune.add_argument("--patience", type=int)
-    tune.add_argument("--batch-size", type=int)
-    tune.add_argument("--attention")
-    tune.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    tune.add_argument("--max-train-batches", type=int)
-    tune.add_argument("--max-eval-batches", type=int)
-    tune.add_argument("--verbose", action="store_true", help="show each run's log lines")
+    tune = _command(commands, "tune", "the technical appendix's grid search, selected on validation",
+                    "Grid search over lr x dropout x wk (84 points), each selected on validation; the test set is "
+                    "evaluated once, for the selected point. Rerunning continues; a run is reused only by a call "
+                    "with the same settings.")
+    tune.add_argument("--data", required=True, metavar="DIR", help="data folder (required)")
+    tune.add_argument("--out", required=True, metavar="DIR", help="folder for runs/, results.csv, results.md (required)")
+    tune.add_argument("--grid", choices=["appendix"], default="appendix",
+                      help="the technical appendix's lr x dropout x wk grid (default: %(default)s)")
+    from .tune import NOT_TUNE_OPTIONS, SUBSET_HELP
 
-    demo = commands.add_parser("demo", help="synthetic data -> train -> evaluate -> heat map, in minutes on CPU")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
-    demo.add_argument("--attention", help="default: adaptive-entmax if entmax_cuda is built, else entmax-reference")
-    demo.add_argument("--sessions", type=int, default=6000, help="synthetic sessions")
-    demo.add_argument("--items", type=int, default=400, help="synthetic items")
+    tune.add_argument("--subset", metavar="SPEC", help=f"{SUBSET_HELP} (default: the whole grid)")
+    tune.add_argument("--config", metavar="FILE", help="YAML or JSON file of the runs' other options (default: none)")
+    tune.add_argument("--verbose", action="store_true", help="show each run's log lines (default: one line per run)")
+    add_options(tune, exclude=NOT_TUNE_OPTIONS)
+
+    from .demo import DEMO_EPOCHS
+
+    demo = _command(commands, "demo", "synthetic data -> train -> evaluate -> heat map, in minutes on a CPU")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="training epochs (default: %(default)s)")
+    demo.add_argument("--attention", default=DEFAULTS.attention, metavar="NAME",
+                      help="normaliser; it needs the built entmax_cuda kernels, entmax-reference does not (pure "
+                           "PyTorch, slower) (default: %(default)s)")
+    demo.add_argument("--sessions", type=int, default=SYNTHETIC_SESSIONS, help="synthetic sessions (default: %(default)s)")
+    demo.add_argument("--items", type=int, default=SYNTHETIC_ITEMS, help="synthetic items (default: %(default)s)")
     return parser
 
 
@@ -136,147 +125,78 @@ def cmd_prepare(args) -> None:
           f"{stats['test']['samples']} samples ({stats['protocol']} protocol)")
 
 
-def cmd_train(args) -> dict:
-    from .train import resolve_run_config, train
+def cmd_train(args) -> None:
+    from .train import prepare_run, train
 
-    config = resolve_run_config(args.run, args.config, _training_overrides(args), resume=args.resume)
-    return train(config, resume=args.resume, quiet=args.quiet)
+    config = prepare_run(args.run, args.config, given_options(args), resume=args.resume)
+    train(config, args.run, resume=args.resume, quiet=args.quiet)
 
 
-def evaluate_command(args) -> dict:
-    import torch
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate_popularity_on, evaluate_run, metrics_table
 
-    from .data import PrefixSamples, SessionData
-    from .evaluate import evaluate_model, evaluate_popularity
-
+    batch_size = args.eval_batch_size or DEFAULTS.eval_batch_size
     if args.model == "pop":
         if not args.data:
-            raise SystemExit("dsan evaluate --model pop: --data DIR is required")
-        data = SessionData.load(args.data)
-        valid_fraction = args.valid_fraction
-        if valid_fraction is None:
-            valid_fraction = config_module.DEFAULTS["valid_fraction"]
-        train_sessions, valid_sessions = data.split_validation(valid_fraction)
-        if args.split == "test":
-            train_sessions, evaluated = data.train_sessions, data.test_sessions
-        else:
-            evaluated = valid_sessions
-        mp = data.protocol.min_prefix
-        return evaluate_popularity(PrefixSamples(train_sessions, mp), PrefixSamples(evaluated, mp), data.n_items,
-                                   args.batch_size)
-    if not args.run:
-        raise SystemExit("dsan evaluate: --run RUNDIR is required (or --model pop --data DIR)")
-    from .checkpoint import load_model
-
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    config = yaml.safe_load((Path(args.run) / "config.yaml").read_text())
-    model, _ = load_model(args.run, args.checkpoint, attention=args.attention)
-    model.to(device)
-    data = SessionData.load(args.data or config["data"])
-    if args.split == "test":
-        sessions = data.test_sessions
+            raise DsanError("--model pop needs --data DIR")
+        metrics, notes = evaluate_popularity_on(args.data, args.split, args.valid_fraction, args.protocol, batch_size)
+        title = f"most-popular baseline, {args.split}"
     else:
-        if config.get("select_on_test"):
-            raise SystemExit(f"{args.run} was trained with --select-on-test: it has no validation split")
-        if not config.get("valid_fraction"):
-            raise SystemExit(f"{args.run} was trained with --valid-fraction 0: it has no validation split")
-        sessions = data.split_validation(config["valid_fraction"])[1]
-    return evaluate_model(model, PrefixSamples(sessions, data.protocol.min_prefix), args.batch_size, device)
-
-
-def print_metrics(title: str, metrics: dict) -> None:
-    print(title)
-    print("  " + "  ".join(f"{k:>8}" for k in ("K", "HR@K", "MRR@K", "NDCG@K")))
-    for k in (5, 10, 20):
-        print("  " + "  ".join([f"{k:>8}"] + [f"{metrics[f'{m}@{k}']:>8.4f}" for m in ("hr", "mrr", "ndcg")]))
-    print(f"  ({metrics['samples']} samples)")
+        if not args.run:
+            raise DsanError("--run RUN is required (or --model pop --data DIR)")
+        metrics, notes = evaluate_run(args.run, args.split, args.checkpoint, args.attention, args.data, args.protocol,
+                                      batch_size, args.device or DEFAULTS.device)
+        title = f"{args.run} ({args.checkpoint} checkpoint), {args.split}"
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(metrics_table(title, metrics))
+    print(json.dumps(metrics))
 
 
 def cmd_explain(args) -> None:
     from .explain import explain
 
-    result = explain(args.run, args.test_index, args.out, args.data, args.attention, args.compare_with)
+    result = explain(args.run, args.out, args.test_index, args.data, args.attention, args.compare_with, args.protocol)
     print(json.dumps(result, indent=2))
 
 
 def cmd_tune(args) -> None:
     from .tune import parse_subset, tune
 
-    overrides = {k: getattr(args, k) for k in ("epochs", "patience", "batch_size", "attention", "device",
-                                               "max_train_batches", "max_eval_batches")}
-    tune(args.data, args.out, parse_subset(args.subset), overrides, quiet=not args.verbose)
-    print(Path(args.out, "results.md").read_text())
-
-
-def default_attention() -> str:
-    try:
-        import entmax_cuda  # noqa: F401
-
-        return "adaptive-entmax"
-    except Exception as e:  # not built, or built for another torch: the reference computes the same
-        print(f"note: entmax_cuda is not usable ({type(e).__name__}: {e}); the demo uses the pure-PyTorch "
-              "reference (--attention entmax-reference)", file=sys.stderr)
-        return "entmax-reference"
+    base = config_module.resolve(args.config, dict(given_options(args), data=args.data))
+    grid = parse_subset(args.subset)
+    tune(base, args.out, grid, quiet=not args.verbose)
+    with open(f"{args.out}/results.md", encoding="utf-8") as f:
+        print(f.read())
 
 
 def cmd_demo(args) -> None:
-    from .data import prepare
-    from .explain import explain
-    from .train import resolve_run_config, train
+    from .demo import run_demo
 
-    started = time.time()
-    out = Path(args.out)
-    data_dir, run_dir = out / "data", out / "run"
-    attention = args.attention or default_attention()
-    stats = prepare("synthetic", data_dir, synthetic_sessions=args.sessions, synthetic_items=args.items)
-    print(f"[1/4] synthetic data in {data_dir}: {stats['n_items']} items, "
-          f"{stats['train']['samples']} training / {stats['test']['samples']} test samples")
-    resume = (run_dir / "last.pt").exists()
-    config = resolve_run_config(run_dir, overrides={"data": str(data_dir), "epochs": args.epochs,
-                                                    "batch_size": 128, "attention": attention}, resume=resume)
-    print(f"[2/4] training {args.epochs} epochs ({attention}) in {run_dir}")
-    summary = train(config, resume=resume)
-    if "test" not in summary:  # an earlier demo run already finished
-        summary = json.loads((run_dir / "test_metrics.json").read_text())
-    pop_args = argparse.Namespace(model="pop", data=str(data_dir), split="test", valid_fraction=None, batch_size=512)
-    pop = evaluate_command(pop_args)
-    print("[3/4] evaluation")
-    print_metrics(f"DSAN ({attention}), epoch {summary['selected_epoch']} selected on validation, test set:",
-                  summary["test"])
-    print_metrics("most-popular baseline, test set:", pop)
-    figure = out / "attention.png"
-    result = explain(run_dir, 0, figure)
-    alphas = result["panels"][attention]
-    print(f"[4/4] heat map {figure} (alpha_1 {alphas['alpha_self']:.4f}, alpha_2 {alphas['alpha_target']:.4f})")
-    print(f"demo done in {time.time() - started:.0f}s")
+    run_demo(args.out, args.epochs, args.attention, args.sessions, args.items)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain,
+            "tune": cmd_tune, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .model import AttentionUnavailable
-    from .train import RunError
+    from .train import TrainingInterrupted
 
     try:
-        if args.command == "prepare":
-            cmd_prepare(args)
-        elif args.command == "train":
-            cmd_train(args)
-        elif args.command == "evaluate":
-            metrics = evaluate_command(args)
-            title = (f"most-popular baseline, {args.split}" if args.model == "pop"
-                     else f"{args.run} ({args.checkpoint} checkpoint), {args.split}")
-            print_metrics(title, metrics)
-            print(json.dumps(metrics))
-        elif args.command == "explain":
-            cmd_explain(args)
-        elif args.command == "tune":
-            cmd_tune(args)
-        elif args.command == "demo":
-            cmd_demo(args)
-    except (DataError, ConfigError, RunError, AttentionUnavailable, FileNotFoundError, IndexError, ValueError) as e:
+        COMMANDS[args.command](args)
+    except DsanError as e:
         print(f"dsan {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the user named cannot be read or created
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dsan {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"dsan {args.command}: {e}", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    except KeyboardInterrupt:
+        print(f"dsan {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
     return 0

@@ -1,17 +1,16 @@
 """Session data: `prepare` (raw logs -> session text), loading, prefix samples, batches.
 
-Session text: one session per line, item ids (1..N, contiguous) separated by spaces, in
-click order; sessions in chronological order. A data folder holds train.txt, test.txt
-and optionally stats.json (which records the protocol; without it: the DSAN protocol).
+Session text: one session per line, item ids (ASCII digits; 1..N, contiguous) separated by
+spaces, in click order; sessions in chronological order. A data folder holds train.txt,
+test.txt and optionally stats.json (which records the protocol).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import json
-import math
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import DataError
+from .files import read_lines, write_atomically
 
 TEST_DAYS = 7
 SECONDS_PER_DAY = 86_400
@@ -40,10 +42,10 @@ PROTOCOLS = {
     "srgnn": Protocol("srgnn", min_session_length=2, min_prefix=1),
 }
 DEFAULT_PROTOCOL = "dsan"
-
-
-class DataError(ValueError):
-    """A data file is malformed or yields nothing usable; the message names file and line."""
+SYNTHETIC_SESSIONS = 6000
+SYNTHETIC_ITEMS = 400
+SYNTHETIC_SEED = 1
+INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -106,7 +108,7 @@ def count_prefix_samples(sessions, min_prefix: int) -> int:
 
 
 def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: dict) -> dict:
-    """Writes train.txt, test.txt, stats.json; each through a temporary name then os.replace."""
+    """Writes train.txt, test.txt, stats.json: all three or none."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {
@@ -122,18 +124,11 @@ def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: 
         "date_range": {k: info[k] for k in ("first_click_end", "last_click_end", "test_from")},
         "source": source,
     }
-    texts = {
-        "train.txt": "".join(" ".join(map(str, s)) + "\n" for s in train),
-        "test.txt": "".join(" ".join(map(str, s)) + "\n" for s in test),
-        "stats.json": json.dumps(stats, indent=2) + "\n",
-    }
-    temporaries = []
-    for name, text in texts.items():
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
-        temporaries.append((tmp, out_dir / name))
-    for tmp, final in temporaries:
-        os.replace(tmp, final)
+    write_atomically({
+        out_dir / "train.txt": "".join(" ".join(map(str, s)) + "\n" for s in train),
+        out_dir / "test.txt": "".join(" ".join(map(str, s)) + "\n" for s in test),
+        out_dir / "stats.json": json.dumps(stats, indent=2) + "\n",
+    })
     return stats
 
 
@@ -148,19 +143,31 @@ def _check_header(path, header, expected, sep_name):
 
 
 def _raw_rows(path, expected, delimiter, fields_name):
-    """(line number, row) of a delimited file with the header `expected`; blank lines
+    """(line number, row) of a delimited UTF-8 file with the header `expected`; blank lines
     skipped, rows with the wrong number of fields stop with the file and line."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        _check_header(path, next(reader, None), expected, delimiter)
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != len(expected):
-                raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
-                                f"got {len(row)}: {row!r}")
-            yield line, row
+    reader = csv.reader((text for _, text in read_lines(path)), delimiter=delimiter)
+    _check_header(path, next(reader, None), expected, delimiter)
+    for row in reader:
+        line = reader.line_num
+        if not row:
+            continue
+        if len(row) != len(expected):
+            raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
+                            f"got {len(row)}: {row!r}")
+        yield line, row
+
+
+def ascii_int(text: str) -> int:
+    """A non-negative integer written in ASCII digits (no sign, '_', spaces or other scripts' digits)."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{text!r} is not a number in ASCII digits")
+    return int(text)
+
+
+def ascii_float(text: str) -> float:
+    if not text.isascii():
+        raise ValueError(f"{text!r} is not an ASCII number")
+    return float(text)
 
 
 def read_diginetica(path, unsorted: bool = False) -> list[RawSession]:
@@ -173,7 +180,7 @@ def read_diginetica(path, unsorted: bool = False) -> list[RawSession]:
     clicks: dict = {}
     for line, row in _raw_rows(path, expected, ";", "';'-separated"):
         try:
-            session, item, timeframe = int(row[0]), int(row[2]), int(row[3])
+            session, item, timeframe = ascii_int(row[0]), ascii_int(row[2]), ascii_int(row[3])
             day = dt.datetime.strptime(row[4], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
         except ValueError as e:
             raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
@@ -194,8 +201,7 @@ def read_retailrocket(path) -> list[RawSession]:
 
     Also accepts the already sessionized TSV sample (timestamp s, user_id, item_id, session_id).
     """
-    with open(path, newline="") as f:
-        first = f.readline()
+    first = next(read_lines(path), (1, ""))[1]
     if "\t" in first:
         return _read_retailrocket_sessions_tsv(path)
     expected = ["timestamp", "visitorid", "event", "itemid", "transactionid"]
@@ -206,7 +212,7 @@ def read_retailrocket(path) -> list[RawSession]:
         if row[2] != "view":
             continue
         try:
-            views.append((int(row[1]), int(row[0]) / 1000.0, int(row[3])))
+            views.append((ascii_int(row[1]), ascii_int(row[0]) / 1000.0, ascii_int(row[3])))
         except ValueError as e:
             raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
     if not views:
@@ -228,7 +234,7 @@ def _read_retailrocket_sessions_tsv(path) -> list[RawSession]:
     clicks: dict = {}
     for line, row in _raw_rows(path, expected, "\t", "tab-separated"):
         try:
-            time, item, session = float(row[0]), int(row[2]), int(row[3])
+            time, item, session = ascii_float(row[0]), ascii_int(row[2]), ascii_int(row[3])
         except ValueError as e:
             raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
         clicks.setdefault(session, []).append((time, item))
@@ -241,8 +247,8 @@ def _read_retailrocket_sessions_tsv(path) -> list[RawSession]:
     return sessions
 
 
-def generate_synthetic(n_items: int = 400, n_sessions: int = 6000, n_clusters: int = 20,
-                       days: int = 60, seed: int = 1) -> list[RawSession]:
+def generate_synthetic(n_items: int = SYNTHETIC_ITEMS, n_sessions: int = SYNTHETIC_SESSIONS, n_clusters: int = 20,
+                       days: int = 60, seed: int = SYNTHETIC_SEED) -> list[RawSession]:
     """Sessions with learnable structure: each item has two preferred successors in its
     cluster (a sparse Markov chain), plus random in-cluster jumps and rare noise clicks."""
     rng = random.Random(seed)
@@ -271,8 +277,8 @@ def generate_synthetic(n_items: int = 400, n_sessions: int = 6000, n_clusters: i
 
 
 def prepare(dataset: str, out_dir, raw=None, protocol: str = DEFAULT_PROTOCOL,
-            unsorted: bool = False, seed: int = 1, synthetic_sessions: int = 6000,
-            synthetic_items: int = 400) -> dict:
+            unsorted: bool = False, seed: int = SYNTHETIC_SEED, synthetic_sessions: int = SYNTHETIC_SESSIONS,
+            synthetic_items: int = SYNTHETIC_ITEMS) -> dict:
     """Raw data -> session text in out_dir; returns the stats written to stats.json."""
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
@@ -282,7 +288,7 @@ def prepare(dataset: str, out_dir, raw=None, protocol: str = DEFAULT_PROTOCOL,
         source = {"dataset": "synthetic", "seed": seed, "sessions": synthetic_sessions, "items": synthetic_items}
     else:
         if raw is None:
-            raise DataError(f"prepare {dataset}: --raw FILE is required")
+            raise DataError(f"prepare {dataset}: --raw FILE is required (the raw log; see dsan prepare --help)")
         if not Path(raw).is_file():
             raise DataError(f"{raw}: no such file")
         if dataset == "diginetica":
@@ -301,59 +307,133 @@ def prepare(dataset: str, out_dir, raw=None, protocol: str = DEFAULT_PROTOCOL,
 # ---------------------------------------------------------------- loading
 
 
+SESSION_TEXT_BYTES = b"0123456789 \n"
+
+
 def read_session_file(path) -> list[list[int]]:
     """Session text -> list of id lists; a malformed line stops with file:line."""
     sessions = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                raise DataError(f"{path}:{line_number}: empty line (expected item ids separated by spaces)")
-            try:
-                items = [int(x) for x in fields]
-            except ValueError:
-                raise DataError(f"{path}:{line_number}: not an integer item id in {line.strip()[:80]!r}") from None
-            if min(items) < 1:
-                raise DataError(f"{path}:{line_number}: item ids must be >= 1, got {min(items)}")
-            sessions.append(items)
+    raw = Path(path).read_bytes()
+    plain = not raw.translate(None, SESSION_TEXT_BYTES)  # only digits, spaces and newlines: no check per field
+    for line_number, line in enumerate(raw.decode("ascii").split("\n"), 1) if plain else read_lines(path):
+        fields = line.split()
+        if not fields:
+            if plain and line_number == raw.count(b"\n") + 1:
+                break  # what follows the last newline
+            raise DataError(f"{path}:{line_number}: empty line (expected item ids separated by spaces)")
+        if not plain and not (line.isascii() and all(map(str.isdigit, fields))):
+            bad = next(f for f in fields if not (f.isascii() and f.isdigit()))
+            raise DataError(f"{path}:{line_number}: item id {bad[:40]!r} is not a positive integer in ASCII digits")
+        items = [int(x) for x in fields]
+        largest = max(items)
+        if largest > INT64_MAX:
+            raise DataError(f"{path}:{line_number}: item id {largest} is beyond the 64-bit integer range")
+        if min(items) < 1:
+            raise DataError(f"{path}:{line_number}: item ids must be >= 1, got {min(items)}")
+        sessions.append(items)
     if not sessions:
         raise DataError(f"{path}: no sessions")
     return sessions
 
 
+def read_stats(path) -> dict:
+    """stats.json as `prepare` writes it: a JSON object with a known `protocol` and an integer `n_items`."""
+    try:
+        stats = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: expected a JSON object (as dsan prepare writes), got {type(stats).__name__}")
+    if stats.get("protocol") not in PROTOCOLS:
+        raise DataError(f"{path}: \"protocol\" must be one of {', '.join(PROTOCOLS)}, got {stats.get('protocol')!r}")
+    n_items = stats.get("n_items")
+    if not isinstance(n_items, int) or isinstance(n_items, bool) or n_items < 1:
+        raise DataError(f"{path}: \"n_items\" must be a positive integer, got {n_items!r}")
+    return stats
+
+
 @dataclass
 class SessionData:
-    """A data folder: training and test sessions, the catalogue size and the protocol."""
+    """A data folder: training and test sessions (item ids 1..n_items), the protocol, and the
+    notes on what loading assumed or changed (to be shown to the user)."""
 
     directory: Path
     train_sessions: list
     test_sessions: list
     n_items: int
     protocol: Protocol
+    notes: list
+    original_ids: np.ndarray | None = None  # the file's id of item k is original_ids[k - 1]; None: the same
 
     @classmethod
-    def load(cls, directory) -> "SessionData":
+    def load(cls, directory, protocol: str | None = None) -> "SessionData":
+        """Reads train.txt and test.txt. The protocol comes from stats.json, else from `protocol`,
+        else it is the DSAN one (noted). Item ids that are not 1..N are renumbered in increasing
+        order, and test clicks on items never seen in training are dropped (both noted)."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise DataError(f"{directory}: no such data folder (a data folder holds train.txt and test.txt)")
         for name in ("train.txt", "test.txt"):
             if not (directory / name).is_file():
                 raise DataError(f"{directory / name}: missing (a data folder holds train.txt and test.txt)")
         train = read_session_file(directory / "train.txt")
         test = read_session_file(directory / "test.txt")
-        protocol = PROTOCOLS[DEFAULT_PROTOCOL]
-        n_items = max(max(map(max, train)), max(map(max, test)))
+        notes = []
         stats_path = directory / "stats.json"
-        if stats_path.is_file():
-            stats = json.loads(stats_path.read_text())
-            name = stats.get("protocol", DEFAULT_PROTOCOL)
-            if name not in PROTOCOLS:
-                raise DataError(f"{stats_path}: unknown protocol {name!r}; expected one of {sorted(PROTOCOLS)}")
-            protocol = PROTOCOLS[name]
-            n_items = max(n_items, int(stats.get("n_items", n_items)))
-        return cls(directory, train, test, n_items, protocol)
+        stats = read_stats(stats_path) if stats_path.is_file() else None
+        if stats is not None:
+            if protocol is not None and protocol != stats["protocol"]:
+                raise DataError(f"{stats_path}: the data was prepared under the {stats['protocol']} protocol; "
+                                f"--protocol {protocol} contradicts it")
+            chosen = PROTOCOLS[stats["protocol"]]
+        elif protocol is not None:
+            chosen = PROTOCOLS[protocol]
+        else:
+            chosen = PROTOCOLS[DEFAULT_PROTOCOL]
+            notes.append(f"{directory}: no stats.json, assuming the dsan protocol (inputs of >= 2 clicks); "
+                         "pass --protocol srgnn for data prepared under SR-GNN's (inputs of >= 1 click)")
+
+        ids = np.unique(np.fromiter((i for s in train for i in s), dtype=np.int64))
+        n_items = len(ids)
+        if stats is not None and stats["n_items"] != n_items:
+            raise DataError(f"{stats_path}: n_items is {stats['n_items']}, but {directory / 'train.txt'} has "
+                            f"{n_items} distinct item ids")
+        original_ids = None
+        if ids[-1] != n_items:  # sorted distinct ids >= 1 are 1..N exactly when the largest is N
+            original_ids = ids
+            notes.append(f"{directory / 'train.txt'}: item ids are not 1..N ({n_items} distinct ids, largest "
+                         f"{ids[-1]}): renumbered 1..{n_items} in increasing order of id")
+            train = [(np.searchsorted(ids, s) + 1).tolist() for s in train]
+        kept_test, dropped_clicks, dropped_items = [], 0, set()
+        for s in test:
+            array = np.asarray(s, dtype=np.int64)
+            position = np.minimum(np.searchsorted(ids, array), n_items - 1)
+            seen = ids[position] == array
+            if not seen.all():
+                dropped_clicks += int((~seen).sum())
+                dropped_items.update(array[~seen].tolist())
+            kept_test.append((position[seen] + 1).tolist())
+        if dropped_clicks:
+            notes.append(f"{directory / 'test.txt'}: {dropped_clicks} clicks on {len(dropped_items)} items never "
+                         "seen in training dropped (they cannot be ranked; the protocols drop them too)")
+        return cls(directory, train, kept_test, n_items, chosen, notes, original_ids)
+
+    @property
+    def catalogue(self) -> str:
+        """Which item ids the model's items 1..n_items stand for: '1..N', or a digest of the renumbered ids."""
+        if self.original_ids is None:
+            return f"1..{self.n_items}"
+        return "sha256:" + hashlib.sha256(self.original_ids.astype("<i8").tobytes()).hexdigest()[:16]
 
     @property
     def longest_session(self) -> int:
-        return max(max(map(len, self.train_sessions)), max(map(len, self.test_sessions)))
+        return max(max(map(len, self.train_sessions)), max(map(len, self.test_sessions), default=0))
+
+    def original_id(self, item: int) -> int:
+        """The id the data files use for item `item`."""
+        return int(item) if self.original_ids is None else int(self.original_ids[item - 1])
 
     def split_validation(self, fraction: float):
         """(train, valid): the latest `fraction` of training sessions (by line order) validate."""
@@ -362,20 +442,32 @@ class SessionData:
             return self.train_sessions, []
         return self.train_sessions[:-n_valid], self.train_sessions[-n_valid:]
 
+    def samples(self, sessions, max_length: int, what: str) -> "PrefixSamples":
+        """The prefix samples of `sessions` under this data's protocol; none at all is an error."""
+        samples = PrefixSamples(sessions, self.protocol.min_prefix, max_length)
+        if len(samples) == 0:
+            raise DataError(f"{self.directory}: the {what} yields no samples: none of its {len(sessions)} "
+                            f"sessions has more than {self.protocol.min_prefix} clicks (the {self.protocol.name} "
+                            f"protocol's shortest input)")
+        return samples
+
 
 class PrefixSamples:
     """Prefix expansion on the fly: session s of length n gives (s[:k], s[k]) for
-    k = min_prefix .. n-1. Stored as a flat id array plus (session start, prefix length)."""
+    k = min_prefix .. n-1; a prefix longer than max_length keeps its last max_length clicks.
+    Stored as a flat id array plus (target position, prefix length) per sample."""
 
-    def __init__(self, sessions, min_prefix: int):
+    def __init__(self, sessions, min_prefix: int, max_length: int | None = None):
         lengths = np.fromiter((len(s) for s in sessions), dtype=np.int64, count=len(sessions))
         self.items = np.fromiter((i for s in sessions for i in s), dtype=np.int64, count=int(lengths.sum()))
         starts = np.cumsum(lengths) - lengths
         per_session = np.maximum(lengths - min_prefix, 0)
-        self.sample_start = np.repeat(starts, per_session)
         offsets = np.cumsum(per_session) - per_session
         within = np.arange(int(per_session.sum()), dtype=np.int64) - np.repeat(offsets, per_session)
-        self.prefix_length = within + min_prefix
+        full_length = within + min_prefix
+        self.target_index = np.repeat(starts, per_session) + full_length
+        self.prefix_length = full_length if max_length is None else np.minimum(full_length, max_length)
+        self.truncated = int((self.prefix_length < full_length).sum())
 
     def __len__(self) -> int:
         return len(self.prefix_length)
@@ -383,13 +475,14 @@ class PrefixSamples:
     def batch(self, indices):
         """(items (B, L) right-padded with 0 to this batch's longest prefix, lengths (B,), targets (B,))."""
         indices = np.asarray(indices, dtype=np.int64)
-        start, length = self.sample_start[indices], self.prefix_length[indices]
+        length = self.prefix_length[indices]
+        start = self.target_index[indices] - length
         width = int(length.max())
         position = np.arange(width, dtype=np.int64)
         real = position[None, :] < length[:, None]
         gathered = self.items[np.where(real, start[:, None] + position[None, :], 0)]
         items = np.where(real, gathered, 0)
-        targets = self.items[start + length]
+        targets = self.items[self.target_index[indices]]
         return torch.from_numpy(items), torch.from_numpy(length), torch.from_numpy(targets)
 
     def item_counts(self, n_items: int) -> np.ndarray:
@@ -413,7 +506,3 @@ def batch_index_lists(n_samples: int, batch_size: int, shuffle: bool, seed: int 
         permutation = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in permutation]
     return [order[i:i + batch_size] for i in range(0, n_samples, batch_size)]
-
-
-def n_batches(n_samples: int, batch_size: int) -> int:
-    return math.ceil(n_samples / batch_size)

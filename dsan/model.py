@@ -14,16 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_CHOICES = ("adaptive-entmax", "entmax-reference", "softmax", "entmax:ALPHA", "entmax-bisect-lib")
+from .config import attention_problem, fixed_alpha
+from .errors import EXTRA_HINT, AttentionUnavailable, ConfigError
+
 EMBEDDING_MAX_NORM = 1.5  # both tables, as in the original notebooks
 TARGET_ATTENTION_INIT_STD = 0.05
+REFERENCE_BISECTION_STEPS = 50  # as the original's entmax_bisect
 
 
 # ---------------------------------------------------------------- attention normalisers
-
-
-class AttentionUnavailable(RuntimeError):
-    """The chosen normaliser needs a package that cannot be imported."""
 
 
 def _entmax_reference():
@@ -42,43 +41,40 @@ def _entmax_reference():
     return entmax_bisect_reference
 
 
+def _fused_entmax(name: str):
+    try:
+        import entmax_cuda
+    except ImportError as e:
+        raise AttentionUnavailable(
+            f"--attention {name} needs the compiled entmax_cuda kernels, which cannot be imported ({e}); "
+            f"build them ({EXTRA_HINT}) or choose --attention entmax-reference (pure PyTorch, slower)") from None
+    return entmax_cuda.entmax
+
+
 def attention_normaliser(name: str):
     """Returns (normalise(scores, alpha, dim) -> weights, uses_learned_alpha).
 
     alpha has scores' shape with size 1 along dim (one alpha per session)."""
+    problem = attention_problem(name)
+    if problem:
+        raise ConfigError(f"attention {problem}, got {name!r}")
     if name == "softmax":
         return (lambda scores, alpha, dim: torch.softmax(scores, dim=dim)), False
     if name == "adaptive-entmax":
-        try:
-            import entmax_cuda
-        except ImportError as e:
-            raise AttentionUnavailable(f"--attention adaptive-entmax needs the compiled entmax_cuda package "
-                               f"({e}); build it or use --attention entmax-reference") from e
-        return (lambda scores, alpha, dim: entmax_cuda.entmax(scores, alpha, dim=dim)), True
+        fused = _fused_entmax(name)
+        return (lambda scores, alpha, dim: fused(scores, alpha, dim=dim)), True
     if name == "entmax-reference":
         reference = _entmax_reference()
-        return (lambda scores, alpha, dim: reference(scores, alpha, dim=dim, n_iter=50)), True
+        return (lambda scores, alpha, dim: reference(scores, alpha, dim=dim, n_iter=REFERENCE_BISECTION_STEPS)), True
     if name == "entmax-bisect-lib":
         try:
             from entmax import entmax_bisect
         except ImportError as e:
             raise AttentionUnavailable(
-                "--attention entmax-bisect-lib needs the `entmax` package (pip install entmax)") from e
-        return (lambda scores, alpha, dim: entmax_bisect(scores, alpha, dim=dim, n_iter=50)), True
-    if name.startswith("entmax:"):
-        try:
-            fixed_alpha = float(name.split(":", 1)[1])
-        except ValueError:
-            fixed_alpha = float("nan")
-        if not fixed_alpha >= 1:
-            raise ValueError(f"--attention {name}: the fixed alpha must be a number >= 1")
-        try:
-            import entmax_cuda
-            fused = entmax_cuda.entmax
-        except ImportError:  # same math, slower
-            fused = _entmax_reference()
-        return (lambda scores, alpha, dim: fused(scores, fixed_alpha, dim=dim)), False
-    raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+                f"--attention entmax-bisect-lib needs the `entmax` package ({e}): pip install entmax") from None
+        return (lambda scores, alpha, dim: entmax_bisect(scores, alpha, dim=dim, n_iter=REFERENCE_BISECTION_STEPS)), True
+    fused, alpha_value = _fused_entmax(name), fixed_alpha(name)
+    return (lambda scores, alpha, dim: fused(scores, alpha_value, dim=dim)), False
 
 
 # ---------------------------------------------------------------- the model
@@ -159,6 +155,16 @@ class DSAN(nn.Module):
         rows = table(ids)
         return rows if self.training else _capped(rows)
 
+    def self_attention(self, H: torch.Tensor, is_key: torch.Tensor, alpha_self: torch.Tensor):
+        """Step (3)'s attention, kept in one method so that a fused scaled-dot-product entmax can
+        replace it: Q = Dropout(ReLU(W_q H + b_q)); keys and values are H itself; padded keys are
+        masked; one alpha_1 per session (B, 1). Returns (A (B, L + 1, d), weights (B, L + 1, L + 1))."""
+        Q = self.dropout(torch.relu(self.query(H)))
+        scores = Q @ H.transpose(1, 2) / math.sqrt(self.d)
+        scores = scores.masked_fill(~is_key[:, None, :], float("-inf"))
+        weights = self.normalise(scores, alpha_self[:, :, None], -1)
+        return weights @ H, weights
+
     def forward(self, items: torch.Tensor, lengths: torch.Tensor, with_attention: bool = False):
         """items (B, L) right-padded with 0, lengths (B,) -> scores (B, n_items) for ids 1..n_items."""
         B, L = items.shape
@@ -179,12 +185,8 @@ class DSAN(nn.Module):
         # (2) alpha_1 = 1 + sigmoid(w_alpha . h_target + b_alpha), one per session
         alpha_self = 1 + torch.sigmoid(self.alpha_layer(h_target))  # (B, 1)
 
-        # (3) A = alpha_1-entmax(Q H^T / sqrt(d)) H with Q = Dropout(ReLU(W_q H + b_q))
-        Q = self.dropout(torch.relu(self.query(H)))
-        scores = Q @ H.transpose(1, 2) / math.sqrt(self.d)
-        scores = scores.masked_fill(~is_key[:, None, :], float("-inf"))
-        self_weights = self.normalise(scores, alpha_self[:, :, None], -1)  # (B, L + 1, L + 1)
-        A = self_weights @ H
+        # (3) A = alpha_1-entmax(Q H^T / sqrt(d)) H, then the feed-forward block:
+        A, self_weights = self.self_attention(H, is_key, alpha_self)
         # O = LayerNorm(A + Dropout(W_2 ReLU(W_1 A)))
         O = self.layer_norm(A + self.dropout(self.feed_forward_out(torch.relu(self.feed_forward_in(A)))))
         x_hat, m_s = O[:, :L], O[:, L]
@@ -212,9 +214,12 @@ class DSAN(nn.Module):
                      "alpha_self": alpha_self.squeeze(-1), "alpha_target": alpha_target.squeeze(-1)}
         return item_scores, attention
 
-    def loss(self, items, lengths, targets, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy over the full catalogue; targets are item ids 1..n_items."""
-        return F.cross_entropy(self(items, lengths), targets - 1, reduction=reduction)
+    @staticmethod
+    def loss(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of forward()'s scores over the full catalogue; targets are item ids
+        1..n_items. It takes the scores rather than the batch so that data-parallel training
+        can call forward() through its DistributedDataParallel wrapper."""
+        return F.cross_entropy(scores, targets - 1, reduction=reduction)
 
     def model_args(self) -> dict:
         return {"n_items": self.n_items, "max_session_length": self.max_session_length,

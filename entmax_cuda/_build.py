@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 
 _REBUILD = (
-    "Rebuild it from the source tree with `pip install .` "
-    "(or `pip install --no-build-isolation .` on a machine without network)."
+    "Rebuild it from the source tree with `pip install .`, or `pip install -e .` to build in place "
+    "(add --no-build-isolation on a machine without network)."
 )
+# What setup.py records in _build_info.py; a build that lacks one is older than this code.
+BUILD_INFO_FIELDS = ("TORCH_VERSION", "TORCH_CUDA_VERSION", "MIN_TORCH", "WITH_CUDA", "CUDA_ARCHS",
+                     "CUDA_SASS", "CUDA_PTX")
 
 
 CUDA_KERNELS_LOADED = False
@@ -21,13 +24,37 @@ def _torch_version_tuple(v: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def _unbuilt_source_tree() -> Path | None:
+    """The checkout this package was imported from, when it holds no built kernels."""
+    package_dir = Path(__file__).resolve().parent
+    if (package_dir.parent / "setup.py").is_file() and not any(package_dir.glob("_C.*")):
+        return package_dir.parent
+    return None
+
+
+def _source_tree_message(root: Path) -> str:
+    return (f"entmax_cuda was imported from the source tree at {root}, which holds no built kernels "
+            "(python puts the current directory first on sys.path). Run from another directory "
+            "(or `python -P`) to use the installed package, or build in place with `pip install -e .` "
+            "(add --no-build-isolation on a machine without network).")
+
+
 def build_info():
     try:
         from . import _build_info
     except ImportError as exc:
+        root = _unbuilt_source_tree()
+        if root is not None:
+            raise ImportError(_source_tree_message(root)) from exc
         raise ImportError(
             "entmax_cuda's compiled kernels are not built (entmax_cuda/_build_info.py is missing). " + _REBUILD
         ) from exc
+    missing = [name for name in BUILD_INFO_FIELDS if not hasattr(_build_info, name)]
+    if missing:
+        raise ImportError(
+            f"entmax_cuda's compiled kernels are older than its Python code ({_build_info.__file__} lacks "
+            f"{', '.join(missing)}). " + _REBUILD
+        )
     return _build_info
 
 
@@ -50,14 +77,9 @@ def _import_extension(name: str, info) -> None:
     try:
         importlib.import_module(name)
     except ImportError as exc:
-        package_dir = Path(__file__).resolve().parent
-        if (package_dir.parent / "setup.py").is_file() and not any(package_dir.glob("_C.*")):
-            raise ImportError(
-                f"entmax_cuda was imported from the source tree at {package_dir.parent}, which holds no built "
-                "kernels (python puts the current directory first on sys.path). Run from another directory "
-                "(or `python -P`) to use the installed package, or build in place with "
-                "`pip install --no-build-isolation -e .`."
-            ) from exc
+        root = _unbuilt_source_tree()
+        if root is not None:
+            raise ImportError(_source_tree_message(root)) from exc
         raise ImportError(
             f"entmax_cuda's compiled kernels ({name}) could not be loaded ({exc}). They were built against "
             f"torch {info.TORCH_VERSION}; this is torch {torch.__version__}. " + _REBUILD

@@ -1,4 +1,6 @@
-"""AdaptiveEntmax: an nn.Module normaliser with a learnable alpha."""
+"""nn.Module normalisers: AdaptiveEntmax (a learnable alpha) and the `entmax` library's
+Sparsemax, Entmax15, EntmaxBisect and SparsemaxBisect (same constructor arguments,
+defaults and attributes as entmax 1.3), all computed by the fused kernels."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import math
 import torch
 from torch import nn
 
-from .functional import entmax
+from .functional import (check_alpha, check_k, check_n_iter, entmax, entmax15, entmax_bisect, sparsemax,
+                         sparsemax_bisect)
 
 
 class AdaptiveEntmax(nn.Module):
@@ -59,3 +62,72 @@ class AdaptiveEntmax(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_heads={self.n_heads}"
+
+
+class Sparsemax(nn.Module):
+    """Drop-in for entmax.Sparsemax: sparsemax (alpha = 2) over `dim`; k is validated, not needed."""
+
+    def __init__(self, dim: int = -1, k=None):
+        super().__init__()
+        check_k("Sparsemax", k)
+        self.dim = dim
+        self.k = k
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return sparsemax(X, dim=self.dim, k=self.k)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class Entmax15(nn.Module):
+    """Drop-in for entmax.Entmax15: 1.5-entmax over `dim`; k is validated, not needed."""
+
+    def __init__(self, dim: int = -1, k=None):
+        super().__init__()
+        check_k("Entmax15", k)
+        self.dim = dim
+        self.k = k
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return entmax15(X, dim=self.dim, k=self.k)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class EntmaxBisect(nn.Module):
+    """Drop-in for entmax.EntmaxBisect: alpha-entmax over `dim`, alpha a float >= 1 or a tensor
+    (one per row, as entmax_bisect takes it; an nn.Parameter is registered and learned).
+    n_iter is validated, not needed."""
+
+    def __init__(self, alpha=1.5, dim: int = -1, n_iter: int = 50):
+        super().__init__()
+        check_alpha("EntmaxBisect", alpha)
+        check_n_iter("EntmaxBisect", n_iter)
+        self.dim = dim
+        self.n_iter = n_iter
+        self.alpha = alpha
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return entmax_bisect(X, alpha=self.alpha, dim=self.dim, n_iter=self.n_iter)
+
+    def extra_repr(self) -> str:
+        alpha = self.alpha if not isinstance(self.alpha, torch.Tensor) else f"tensor{tuple(self.alpha.shape)}"
+        return f"alpha={alpha}, dim={self.dim}"
+
+
+class SparsemaxBisect(nn.Module):
+    """Drop-in for entmax.SparsemaxBisect: sparsemax over `dim`; n_iter is validated, not needed."""
+
+    def __init__(self, dim: int = -1, n_iter=None):
+        super().__init__()
+        check_n_iter("SparsemaxBisect", n_iter, allow_none=True)
+        self.dim = dim
+        self.n_iter = n_iter
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return sparsemax_bisect(X, dim=self.dim, n_iter=self.n_iter)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"

@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from testing import (RAW_DIGINETICA, RAW_RETAILROCKET_SESSIONS, RETAILROCKET, make_tiny_synthetic,
-                                   require)
+from testing import RAW_DIGINETICA, RAW_RETAILROCKET_SESSIONS, RETAILROCKET, make_tiny_synthetic, require
 from dsan.data import (DataError, PrefixSamples, SessionData, batch_index_lists, prepare, read_diginetica,
                        read_retailrocket, read_session_file)
 
@@ -70,7 +69,7 @@ def test_length_bucketed_batches_cover_every_sample_once_and_reduce_padding():
 
 def test_session_file_errors_name_file_and_line(tmp_path):
     bad = write(tmp_path / "train.txt", "1 2 3\n4 x 5\n")
-    with pytest.raises(DataError, match=r"train.txt:2: not an integer"):
+    with pytest.raises(DataError, match=r"train.txt:2: item id 'x' is not a positive integer in ASCII digits"):
         read_session_file(bad)
     with pytest.raises(DataError, match=r"train.txt:2: empty line"):
         read_session_file(write(tmp_path / "train.txt", "1 2 3\n\n4 5\n"))
@@ -168,3 +167,108 @@ def test_synthetic_data_is_seeded(tmp_path):
     make_tiny_synthetic(tmp_path / "c", seed=2)
     text = lambda d: (d / "train.txt").read_text()  # noqa: E731
     assert text(tmp_path / "a") == text(tmp_path / "b") != text(tmp_path / "c")
+
+
+# ---------------------------------------------------------------- inputs that must not end in a traceback
+
+
+@pytest.mark.parametrize("field", ["\u0661", "1_0", "+2", "-3", "\u00b2", "1.0"])
+def test_ids_are_ascii_digits_only(tmp_path, field):
+    path = write(tmp_path / "train.txt", f"1 2 3\n4 {field} 5\n")
+    with pytest.raises(DataError, match=r"train.txt:2: item id .* is not a positive integer in ASCII digits"):
+        read_session_file(path)
+
+
+def test_non_utf8_bytes_name_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "test.txt"
+    path.write_bytes(b"1 2 3\n4 5 \xff6\n")
+    with pytest.raises(DataError, match=r"test.txt:2: not UTF-8 text \(byte 0xff at column 5\)"):
+        read_session_file(path)
+    raw = tmp_path / "views.csv"
+    raw.write_bytes(b"session_id;user_id;item_id;timeframe;eventdate\n1;NA;1\xe90;100;2016-01-01\n")
+    with pytest.raises(DataError, match=r"views.csv:2: not UTF-8 text"):
+        read_diginetica(raw)
+
+
+def test_a_utf8_byte_order_mark_and_other_line_ends_are_accepted(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes("\ufeff1 2 3\n4 5\n".encode())
+    assert read_session_file(path) == [[1, 2, 3], [4, 5]]
+    for text in ("1 2 3\n4 5", "1 2 3\r\n4\t5\r\n"):  # no final newline; Windows line ends and tabs
+        assert read_session_file(write(tmp_path / "t.txt", text)) == [[1, 2, 3], [4, 5]]
+    raw = tmp_path / "views.csv"
+    raw.write_bytes("\ufeffsession_id;user_id;item_id;timeframe;eventdate\n1;NA;10;100;2016-01-01\n".encode())
+    assert read_diginetica(raw)[0].items == [10]
+
+
+def test_unicode_digits_in_raw_files_are_refused_with_file_and_line(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n1;NA;\u0661\u0662;100;2016-01-01\n")
+    with pytest.raises(DataError, match=r"views.csv:2: malformed row .*ASCII digits"):
+        read_diginetica(raw)
+
+
+def test_an_id_beyond_int64_is_refused(tmp_path):
+    path = write(tmp_path / "train.txt", "1 2 3\n4 100000000000000000000 5\n")
+    with pytest.raises(DataError, match=r"train.txt:2: item id 100000000000000000000 is beyond the 64-bit"):
+        read_session_file(path)
+
+
+def data_folder(tmp_path, train, test, stats=None):
+    tmp_path.mkdir(exist_ok=True)
+    write(tmp_path / "train.txt", train)
+    write(tmp_path / "test.txt", test)
+    if stats is not None:
+        write(tmp_path / "stats.json", stats)
+    return tmp_path
+
+
+def test_non_contiguous_ids_are_renumbered_and_reported(tmp_path):
+    # a huge id (10^12) needs no 10^12-row table: the catalogue is the ids seen in training
+    data = SessionData.load(data_folder(tmp_path, "7 1000000000000 7\n30 7 30\n", "30 1000000000000 7\n"))
+    assert data.n_items == 3
+    assert data.train_sessions == [[1, 3, 1], [2, 1, 2]] and data.test_sessions == [[2, 3, 1]]
+    assert [data.original_id(i) for i in (1, 2, 3)] == [7, 30, 1000000000000]
+    assert any("item ids are not 1..N (3 distinct ids, largest 1000000000000): renumbered 1..3" in n for n in data.notes)
+    assert data.catalogue.startswith("sha256:")
+    contiguous = SessionData.load(data_folder(tmp_path / "c", "1 2 3\n", "3 2 1\n"))
+    assert contiguous.original_ids is None and contiguous.catalogue == "1..3"
+
+
+def test_test_clicks_on_items_never_trained_are_dropped_with_a_count(tmp_path):
+    data = SessionData.load(data_folder(tmp_path, "1 2 3\n3 2 1\n", "1 9 2 3\n8 9\n"))
+    assert data.n_items == 3 and data.test_sessions == [[1, 2, 3], []]
+    assert any("test.txt: 3 clicks on 2 items never seen in training dropped" in n for n in data.notes)
+
+
+def test_without_stats_json_the_assumed_protocol_is_said_and_can_be_chosen(tmp_path):
+    folder = data_folder(tmp_path, "1 2 3\n3 2 1\n", "1 2\n")
+    data = SessionData.load(folder)
+    assert data.protocol.name == "dsan" and any("no stats.json, assuming the dsan protocol" in n for n in data.notes)
+    with pytest.raises(DataError, match="the test set .* yields no samples: none of its 1 sessions has more than 2"):
+        data.samples(data.test_sessions, 300, "test set (test.txt)")
+    srgnn = SessionData.load(folder, "srgnn")
+    assert srgnn.protocol.min_prefix == 1 and not srgnn.notes
+    assert len(srgnn.samples(srgnn.test_sessions, 300, "test set")) == 1
+
+
+def test_stats_json_decides_the_protocol_and_must_be_well_formed(tmp_path):
+    folder = data_folder(tmp_path, "1 2 3\n3 2 1\n", "1 2 3\n", '{"protocol": "srgnn", "n_items": 3}')
+    assert SessionData.load(folder).protocol.name == "srgnn"
+    with pytest.raises(DataError, match="stats.json: the data was prepared under the srgnn protocol; --protocol dsan"):
+        SessionData.load(folder, "dsan")
+    for text, message in [("{not json", r"stats.json:1: not valid JSON"),
+                          ("[1, 2]", "stats.json: expected a JSON object"),
+                          ('{"protocol": "x", "n_items": 3}', 'stats.json: "protocol" must be one of dsan, srgnn'),
+                          ('{"protocol": "dsan", "n_items": "3"}', 'stats.json: "n_items" must be a positive integer'),
+                          ('{"protocol": "dsan", "n_items": 4}', "stats.json: n_items is 4, but .*train.txt has 3")]:
+        write(folder / "stats.json", text)
+        with pytest.raises(DataError, match=message):
+            SessionData.load(folder)
+
+
+def test_long_prefixes_keep_their_most_recent_clicks():
+    samples = PrefixSamples([list(range(1, 11))], min_prefix=2, max_length=4)
+    items, lengths, targets = samples.batch(range(len(samples)))
+    assert lengths.tolist() == [2, 3, 4, 4, 4, 4, 4, 4] and samples.truncated == 5
+    assert items[-1].tolist() == [6, 7, 8, 9] and targets.tolist() == list(range(3, 11))
+    assert items[0].tolist() == [1, 2, 0, 0]

@@ -50,6 +50,6 @@ def test_ties_and_nan_ranks():
 def test_most_popular_baseline_ranks_by_training_counts():
     train = PrefixSamples([[1, 1, 1, 2, 2, 3]], 2)
     test = PrefixSamples([[3, 3, 1], [3, 3, 2], [2, 2, 3]], 2)  # targets 1, 2, 3
-    metrics = evaluate_popularity(train, test, n_items=3)
+    metrics = evaluate_popularity(train, test, n_items=3, batch_size=2)
     assert metrics["mrr@5"] == (1 + 1 / 2 + 1 / 3) / 3
     assert metrics["hr@5"] == 1.0

@@ -1,16 +1,18 @@
+import json
+
 import pytest
 
-from testing import make_tiny_synthetic, tiny_config
+from testing import make_tiny_synthetic, train_tiny
 from dsan.cli import main
+from dsan.data import SessionData
 from dsan.explain import explain
-from dsan.train import train
 
 
 @pytest.fixture(scope="module")
 def entmax_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dsan-explain")
     data = make_tiny_synthetic(root / "data")
-    train(tiny_config(data, root / "run", epochs=1, attention="entmax-reference"), quiet=True)
+    train_tiny(data, root / "run", epochs=1, attention="entmax-reference")
     return root / "run"
 
 
@@ -20,10 +22,26 @@ def test_explain_writes_a_png_with_both_normalisers(entmax_run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = result["panels"]
     assert set(panels) == {"entmax-reference", "softmax"}
-    # same weights: the learned alpha of the self-attention does not depend on the normaliser
-    assert panels["entmax-reference"]["alpha_self"] == panels["softmax"]["alpha_self"]
     assert 1 < panels["entmax-reference"]["alpha_self"] < 2
+    assert "alpha_self" not in panels["softmax"] and "alpha_target" not in panels["softmax"]  # softmax has no alpha
     assert panels["softmax"]["self_zeros"] == 0 and panels["softmax"]["target_zeros"] == 0
+
+
+def test_explain_shows_the_longest_test_prefix_by_default(entmax_run, tmp_path, capsys):
+    assert main(["explain", "--run", str(entmax_run), "--out", str(tmp_path / "fig.png")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    data = SessionData.load(entmax_run.parent / "data")
+    longest = max(len(s) for s in data.test_sessions) - 1
+    assert len(printed["session"]) == longest
+    assert "alpha_self" in printed["panels"]["entmax-reference"] and "alpha_self" not in printed["panels"]["softmax"]
+
+
+def test_a_softmax_run_is_shown_beside_entmax_and_never_twice(entmax_run, tmp_path, capsys):
+    result = explain(entmax_run, tmp_path / "fig.png", attention="softmax")
+    assert set(result["panels"]) == {"softmax", "entmax-reference"}
+    assert main(["explain", "--run", str(entmax_run), "--out", str(tmp_path / "x.png"),
+                 "--compare-with", "entmax-reference"]) == 2
+    assert "--compare-with entmax-reference is the normaliser shown already" in capsys.readouterr().err
 
 
 def test_explain_rejects_an_index_outside_the_test_set(entmax_run, tmp_path, capsys):

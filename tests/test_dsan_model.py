@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import testing  # noqa: F401  (puts the checkout on sys.path)
+from dsan.errors import ConfigError
 from dsan.model import DSAN, attention_normaliser
 
 N_ITEMS = 50
@@ -131,7 +132,8 @@ def test_target_attention_initialisation():
 def test_learned_alpha_gets_gradient_under_entmax_not_softmax():
     for attention, expect_gradient in [("entmax-reference", True), ("softmax", False)]:
         model = make_model(attention).train()
-        loss = model.loss(torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2]), torch.tensor([6, 7]))
+        scores = model(torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2]))
+        loss = model.loss(scores, torch.tensor([6, 7]))
         loss.backward()
         grad = model.alpha_layer.weight.grad
         assert (grad is not None and grad.abs().sum() > 0) == expect_gradient
@@ -154,10 +156,37 @@ def test_entmax_bisect_library_option_matches_the_reference():
 
 
 def test_unknown_or_invalid_attention_is_rejected():
-    with pytest.raises(ValueError, match="unknown attention"):
+    with pytest.raises(ConfigError, match="attention must be one of"):
         attention_normaliser("sparsemax-ish")
-    with pytest.raises(ValueError, match=">= 1"):
-        attention_normaliser("entmax:0.5")
+    for bad in ("entmax:0.5", "entmax:x", "entmax:inf"):
+        with pytest.raises(ConfigError, match="entmax:A needs a number A >= 1"):
+            attention_normaliser(bad)
+
+
+def test_loss_is_the_cross_entropy_of_the_scores_over_the_catalogue():
+    model = make_model()
+    scores = model(torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2]))
+    targets = torch.tensor([1, N_ITEMS])  # item ids 1..n_items are score columns 0..n_items-1
+    expected = -(scores.log_softmax(-1)[0, 0] + scores.log_softmax(-1)[1, N_ITEMS - 1])
+    torch.testing.assert_close(model.loss(scores, targets, reduction="sum"), expected)
+    torch.testing.assert_close(model.loss(scores, targets), expected / 2)
+
+
+def test_self_attention_is_entmax_of_scaled_query_key_scores_times_the_tokens():
+    """The method a fused scaled-dot-product entmax will replace: its contract, spelled out."""
+    model = make_model("entmax-reference")
+    H = torch.randn(2, 4, model.d)
+    is_key = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    alpha = torch.tensor([[1.3], [1.9]])
+    with torch.no_grad():
+        A, weights = model.self_attention(H, is_key, alpha)
+        Q = torch.relu(model.query(H))  # eval mode: no dropout
+        for b in range(2):
+            scores = (Q[b] @ H[b].T / model.d ** 0.5).masked_fill(~is_key[b], float("-inf"))
+            expected = model.normalise(scores, alpha[b].expand(4, 1), -1)
+            torch.testing.assert_close(weights[b], expected)
+            torch.testing.assert_close(A[b], expected @ H[b])
+    assert (weights[0, :, 2] == 0).all()
 
 
 def test_fixed_alpha_entmax_ignores_the_learned_alpha():

@@ -112,10 +112,17 @@ def make_tiny_synthetic(out_dir, seed: int = 1):
 
 
 def tiny_config(data_dir, run_dir, resume: bool = False, **overrides):
-    from dsan.train import resolve_run_config
+    """The RunConfig of a tiny run (TINY_TRAINING, then `overrides`)."""
+    from dsan.train import prepare_run
 
-    return resolve_run_config(run_dir, overrides=dict(TINY_TRAINING, data=str(data_dir), **overrides),
-                              resume=resume)
+    return prepare_run(run_dir, overrides=dict(TINY_TRAINING, data=str(data_dir), **overrides), resume=resume)
+
+
+def train_tiny(data_dir, run_dir, resume: bool = False, **overrides) -> dict:
+    """Trains (quietly) and tests a tiny run in run_dir; returns its summary."""
+    from dsan.train import train
+
+    return train(tiny_config(data_dir, run_dir, resume, **overrides), run_dir, resume=resume, quiet=True)
 
 
 def subprocess_env() -> dict:

@@ -1,0 +1,59 @@
+"""Writing files atomically, and reading text files line by line with file:line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import DataError, DsanError
+
+
+def write_atomically(contents: dict) -> None:
+    """Writes {path: str | bytes | callable(tmp_path)} so that each file appears whole or not at all.
+
+    Every file goes to a temporary name beside its target first; only when all are written are
+    they renamed into place. On any failure (a full disk, Ctrl-C) the temporary files are
+    removed and the targets keep their old content."""
+    temporaries = []
+    try:
+        for path, content in contents.items():
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            temporaries.append((tmp, path))
+            if callable(content):
+                content(tmp)
+            elif isinstance(content, bytes):
+                tmp.write_bytes(content)
+            else:
+                tmp.write_text(content, encoding="utf-8")
+        for tmp, path in temporaries:
+            os.replace(tmp, path)
+    except OSError as e:
+        raise DsanError(f"cannot write {e.filename or path}: {e.strerror or e} (nothing was changed)") from None
+    finally:
+        for tmp, _ in temporaries:
+            tmp.unlink(missing_ok=True)
+
+
+def append_line(path, line: str) -> None:
+    """Appends one line (a log or a metrics record); a failed write is a clear error."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise DsanError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def read_lines(path):
+    """(line number, text) of a UTF-8 text file; a leading byte-order mark is dropped, and bytes
+    that are not UTF-8 stop with the file, line and byte."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
