@@ -230,6 +230,13 @@ struct RowThreshold {
   }
 };
 
+// One entry of the backward: the forward's normalised p_hat and its weight g = p_hat^(2 - alpha).
+template <typename T>
+struct BackwardEntry {
+  T p_hat;
+  T g;
+};
+
 // What the backward needs of one query row, from the saved statistics.
 // p_hat = p(u - t) * inv_norm is the forward's normalised output entry and
 // g = p_hat^(2 - alpha) = (p / z) * inv_norm^(1 - eps).
@@ -246,6 +253,12 @@ struct BackwardRow {
     inv_norm = norm_inverse;
     empty = inv_norm == T(0);
     g_scale = empty ? T(0) : (eps == T(0) ? inv_norm : exp_((T(1) - eps) * log_(inv_norm)));
+  }
+
+  // p_hat and g at score u = s - m (0 and 0 off the support).
+  ENTMAX_HD BackwardEntry<T> entry(T u) const {
+    const EntryAtT<T> e = score_entry(u, t, eps, inv_eps);
+    return BackwardEntry<T>{e.p * inv_norm, e.p_over_z * g_scale};
   }
 };
 

@@ -9,6 +9,7 @@
 // is owned by one task, so results do not depend on the thread count.
 // Per-thread buffers hold a few tiles; nothing of size Lq x Lk is formed.
 #include "../attention_math.h"
+#include "../attention_ops.h"
 #include "../entmax_ops.h"
 #include "vector_math.h"
 
@@ -325,16 +326,14 @@ ATTENTION_CPU_CLONES void backward_row_entries(const T* s, const T* dp, T* P, T*
     sums = sums + widen(part);
   } else {
     for (int64_t j = 0; j < n; ++j) {
-      const EntryAtT<T> e = score_entry<T>(s[j] - r.m, r.t, r.eps, r.inv_eps);
-      const T ph = e.p * r.inv_norm;
-      P[j] = ph;
+      const BackwardEntry<T> e = r.entry(s[j] - r.m);
+      P[j] = e.p_hat;
       if (alpha_grad) {
-        G[j] = accumulate_backward_entry<T>(ph, dp[j], r.eps, sums);
+        G[j] = accumulate_backward_entry<T>(e.p_hat, dp[j], r.eps, sums);
       } else {
-        const T g = e.p_over_z * r.g_scale;
-        G[j] = g;
-        sums.g += g;
-        sums.g_dy += g * dp[j];
+        G[j] = e.g;
+        sums.g += e.g;
+        sums.g_dy += e.g * dp[j];
       }
     }
   }
@@ -802,48 +801,6 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 
 // ------------------------------------------------------------------ ops
 
-struct Shape {
-  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
-};
-
-inline bool same_device(const Tensor& a, const Tensor& b) {
-  return a.device().type() == b.device().type() && a.get_device_index() == b.get_device_index();
-}
-
-// The op's own checks (the Python layer gives the user-facing messages first).
-Shape check_attention_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
-                           const std::optional<Tensor>& mask, int64_t causal) {
-  ENTMAX_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k and v must be 4-d (B, H, L, D)");
-  check_input(q, "q");
-  ENTMAX_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-               ": q, k and v must have the same dtype");
-  ENTMAX_CHECK(same_device(q, k) && same_device(q, v) && same_device(q, alpha), op,
-               ": q, k, v and alpha must be on the same device");
-  Shape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  ENTMAX_CHECK(k.size(0) == s.B && v.size(0) == s.B, op, ": q, k and v must have the same batch size");
-  ENTMAX_CHECK(v.size(1) == s.Hkv && v.size(2) == s.Lk, op, ": k and v must have the same heads and length");
-  ENTMAX_CHECK(k.size(3) == s.D, op, ": q and k must have the same head dimension");
-  ENTMAX_CHECK(s.Hkv >= 1 && s.Hq % s.Hkv == 0, op, ": the query heads (", s.Hq,
-               ") must be a multiple of the key/value heads (", s.Hkv, ")");
-  ENTMAX_CHECK(s.D >= 1 && s.D <= kMaxHeadDim && s.Dv >= 1 && s.Dv <= kMaxHeadDim, op,
-               ": head dimensions must lie in [1, ", kMaxHeadDim, "], got ", s.D, " and ", s.Dv);
-  ENTMAX_CHECK(alpha.dim() == 3 && alpha.size(0) == s.B && alpha.size(1) == s.Hq && alpha.size(2) == s.Lq, op,
-               ": alpha must have shape (B, Hq, Lq)");
-  ENTMAX_CHECK(alpha.scalar_type() == alpha_dtype_for(q.scalar_type()), op,
-               ": alpha must be float64 for float64 inputs and float32 otherwise");
-  ENTMAX_CHECK(causal == kNotCausal || causal == kCausalUpperLeft || causal == kCausalLowerRight, op,
-               ": causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ", causal);
-  if (mask.has_value()) {
-    const Tensor& m = *mask;
-    ENTMAX_CHECK(m.dim() == 4 && m.size(0) == s.B && m.size(1) == s.Hq && m.size(2) == s.Lq && m.size(3) == s.Lk, op,
-                 ": mask must have shape (B, Hq, Lq, Lk) (broadcast views are fine)");
-    ENTMAX_CHECK(m.scalar_type() == ScalarType::Bool || m.scalar_type() == alpha.scalar_type(), op,
-                 ": mask must be bool or have alpha's dtype");
-    ENTMAX_CHECK(same_device(q, m), op, ": mask must be on q's device");
-  }
-  return s;
-}
-
 template <typename scalar_t, typename acc_t>
 Problem<scalar_t, acc_t> make_problem(const Shape& s, const Tensor& q, const Tensor& k, const Tensor& v,
                                       const Tensor& alpha, const std::optional<Tensor>& mask, int64_t causal,
@@ -910,19 +867,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& 
                                                                   const Tensor& alpha, std::optional<Tensor> mask,
                                                                   int64_t causal, double scale, const Tensor& stats,
                                                                   const Tensor& block_map, bool alpha_grad) {
-  const Shape s = check_attention_args("attention_backward", q, k, v, alpha, mask, causal);
+  const Shape s = check_attention_backward_args(grad_out, q, k, v, alpha, mask, causal, stats, block_map);
   ENTMAX_CHECK(q.is_cpu(), "attention_backward (CPU): tensors must be on the CPU");
-  const int64_t nQ = num_tiles(s.Lq, kBlockQ), nK = num_tiles(s.Lk, kBlockK);
-  ENTMAX_CHECK(grad_out.dim() == 4 && grad_out.size(0) == s.B && grad_out.size(1) == s.Hq &&
-                   grad_out.size(2) == s.Lq && grad_out.size(3) == s.Dv && grad_out.scalar_type() == q.scalar_type(),
-               "attention_backward: grad_out must have the output's shape (B, Hq, Lq, Dv) and dtype");
-  ENTMAX_CHECK(stats.dim() == 4 && stats.size(0) == s.B && stats.size(1) == s.Hq && stats.size(2) == kNumStats &&
-                   stats.size(3) == s.Lq && stats.scalar_type() == alpha.scalar_type() && stats.is_contiguous(),
-               "attention_backward: stats must be the forward's (B, Hq, 4, Lq) statistics");
-  ENTMAX_CHECK(block_map.dim() == 4 && block_map.size(0) == s.B && block_map.size(1) == s.Hq &&
-                   block_map.size(2) == nQ && block_map.size(3) == nK &&
-                   block_map.scalar_type() == ScalarType::Byte && block_map.is_contiguous(),
-               "attention_backward: block_map must be the forward's (B, Hq, ceil(Lq/64), ceil(Lk/64)) uint8 map");
   Tensor dq = torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.D});
   Tensor dk = torch::stable::new_zeros(k, {s.B, s.Hkv, s.Lk, s.D});
   Tensor dv = torch::stable::new_zeros(v, {s.B, s.Hkv, s.Lk, s.Dv});
