@@ -14,21 +14,7 @@ import torch
 
 import entmax_cuda
 from entmax_cuda import attention
-from testing import DEVICES, REPO_ROOT, acc_dtype, requires_cuda, subprocess_env
-
-# Until the CUDA kernel exists (part 2 of issue 10): the op checks on CUDA are skipped (opcheck and
-# torch.compile would report the missing kernel wrapped in their own errors), the CUDA-only checks
-# below are expected to fail with NotImplementedError; test_attention.py's CUDA variants xfail too.
-_NO_CUDA_KERNEL = "the fused attention has no CUDA kernel in this build yet"
-cuda_kernel_pending = pytest.mark.xfail(not attention._HAS_CUDA_KERNEL, raises=NotImplementedError, strict=True,
-                                        reason=_NO_CUDA_KERNEL)
-
-
-@pytest.fixture(params=[DEVICES[0], pytest.param(DEVICES[1].values[0], marks=[
-    *DEVICES[1].marks, pytest.mark.skipif(not attention._HAS_CUDA_KERNEL, reason=_NO_CUDA_KERNEL)])])
-def device(request) -> str:
-    return request.param
-
+from testing import REPO_ROOT, acc_dtype, requires_cuda, subprocess_env
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -197,7 +183,6 @@ def test_cpu_memory_at_32k_tokens_stays_far_below_one_score_matrix():
 
 
 @requires_cuda
-@cuda_kernel_pending
 def test_cuda_peak_memory_grows_linearly_in_the_sequence_length():
     peaks = []
     for L in (4096, 8192, 16384):
@@ -215,7 +200,6 @@ def test_cuda_peak_memory_grows_linearly_in_the_sequence_length():
 
 
 @requires_cuda
-@cuda_kernel_pending
 def test_cuda_forward_and_backward_do_not_synchronize_the_host():
     q, k, v = (torch.randn(2, 4, 300, 64, device="cuda", requires_grad=True) for _ in range(3))
     alpha = torch.full((4,), 1.5, device="cuda", requires_grad=True)
