@@ -6,6 +6,8 @@
 
 Methods:
   fused      entmax_cuda.scaled_dot_product_entmax (this package)
+  fused_simt the same with ENTMAX_ATTENTION_PATH=simt (CUDA; not run unless named in --methods): the
+             CUDA-core path against the tensor-core one
   composite  entmax_cuda.entmax(q @ k^T * scale (+ causal mask), alpha) @ v: the score matrix in memory
   sdpa       torch.nn.functional.scaled_dot_product_attention (softmax): the flash backend on CUDA,
              the math backend on CPU
@@ -29,7 +31,9 @@ Before timing, the composite's and AdaSplash's outputs are compared once with th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 import traceback
@@ -44,6 +48,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages
 import common  # noqa: E402
 
 METHODS = ["fused", "composite", "sdpa", "adasplash"]
+EXTRA_METHODS = ["fused_simt"]  # run only when named in --methods
+METHOD_ENV = {"fused_simt": {"ENTMAX_ATTENTION_PATH": "simt"}}  # set while the method is measured
 ALPHA_MODES = ["1.5", "head"]
 INPUTS = ["random", "local"]
 PLANS = {  # lengths, head dims, dtypes, batch, heads
@@ -107,7 +113,7 @@ def build_methods(device):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    methods.update(fused=fused, composite=composite, sdpa=sdpa)
+    methods.update(fused=fused, fused_simt=fused, composite=composite, sdpa=sdpa)
     if device.type != "cuda":
         unavailable["adasplash"] = "CUDA only"
     else:
@@ -127,6 +133,8 @@ def not_planned(method, alpha_mode, L, B, H, dtype, device):
     """None if the method runs this case, else why not."""
     if method in ("sdpa", "adasplash") and alpha_mode != "1.5":
         return "fixed alpha only (no alpha gradient)"
+    if method == "fused_simt" and device.type != "cuda":
+        return "CUDA only (the CPU kernel has one path)"
     if method == "sdpa" and device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
         return "flash backend: float16/bfloat16 only"
     if method == "composite":
@@ -175,7 +183,27 @@ def fused_diagnostics(q, k, v, alpha, causal):
             "tile_passes_mean": tiles.mean().item()}
 
 
+@contextlib.contextmanager
+def environment(variables):
+    """os.environ with `variables` set, restored after (the kernels read their switches per call)."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_case(name, fn, case, inputs, device, reps, reference):
+    with environment(METHOD_ENV.get(name, {})):
+        return _run_case(name, fn, case, inputs, device, reps, reference)
+
+
+def _run_case(name, fn, case, inputs, device, reps, reference):
     B, H, L, D, causal, alpha_mode = (case[k] for k in ("B", "H", "L", "D", "causal", "alpha"))
     q, k, v = inputs
     alpha, alpha_grad = alpha_of(alpha_mode, H, device)
@@ -197,7 +225,7 @@ def run_case(name, fn, case, inputs, device, reps, reference):
     out = fwd()
     common.sync(device)
     first = time.perf_counter() - t0
-    if reference is not None and name in ("composite", "adasplash"):  # the same function of the same inputs
+    if reference is not None and name in ("composite", "adasplash", "fused_simt"):  # the same function, same inputs
         rec["max_abs_diff_vs_fused"] = (out.float() - reference.float()).abs().max().item()
     del out
     rec["fwd"] = common.time_fn(fwd, device, first_time_s=first, **reps)
@@ -276,7 +304,7 @@ def plot(results, device, path):
     for col, (inputs, causal) in enumerate(panels):
         for row, mode in enumerate(("fwd", "fwd_bwd")):
             ax = axes[row][col]
-            for method in METHODS:
+            for method in METHODS + EXTRA_METHODS:
                 for alpha in ALPHA_MODES:
                     pts = sorted((r["L"], r[mode]["median_ms"]) for r in results
                                  if r["method"] == method and r["alpha"] == alpha and r["inputs"] == inputs
@@ -315,7 +343,8 @@ def parse_args(argv=None):
     p.add_argument("--inputs", type=_csv, default=INPUTS, help="random,local (default both)")
     p.add_argument("--alphas", type=_csv, default=ALPHA_MODES,
                    help="1.5,head (default both); any number >= 1 is a fixed alpha (SDPA/AdaSplash run at 1.5 only)")
-    p.add_argument("--methods", type=_csv, default=METHODS, help=f"from {','.join(METHODS)} (default all)")
+    p.add_argument("--methods", type=_csv, default=METHODS,
+                   help=f"from {','.join(METHODS + EXTRA_METHODS)} (default: {','.join(METHODS)})")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="two lengths, first dim and dtype, few repeats")
@@ -340,8 +369,8 @@ def main(argv=None):
     dtypes = args.dtypes or (plan["dtypes"][:1] if args.quick else plan["dtypes"])
     B, H = args.batch or plan["batch"], args.heads or plan["heads"]
     for m in args.methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in METHODS + EXTRA_METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     reps = dict(min_reps=args.min_reps or (5 if cuda else 2), max_reps=args.max_reps or (100 if cuda else 20),
                 budget_s=args.budget_s or (0.3 if cuda else 0.5))
     log = common.Progress()
@@ -425,7 +454,7 @@ def main(argv=None):
           "forward+backward, halved when causal). block sparsity: share of the blocks a dense kernel computes "
           "that the fused block map skips. evals/row: threshold evaluations per row, the output pass included "
           "(in brackets: the mean over query tiles of their largest). max |Δ| vs fused: output difference "
-          "(composite, AdaSplash).")
+          "(composite, AdaSplash, fused_simt).")
     if skipped:
         by_reason = {}
         for s in skipped:
