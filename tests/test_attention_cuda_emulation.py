@@ -8,15 +8,13 @@ the kernels show here; what it cannot show is listed in docs/attention.md ("CUDA
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from entmax_cuda import attention
-from testing import REPO_ROOT, acc_dtype
+from testing import REPO_ROOT, acc_dtype, load_attention_emulation
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_attention  # noqa: E402  (its locally structured inputs)
@@ -30,33 +28,12 @@ SIMT, TC64, TC128 = 0, 1, 2  # the emulator's policy numbers (attention_emulatio
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _cuda_include_dir():
-    from torch.utils import cpp_extension
-
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
-            return str(Path(root) / "include")
-    return None
-
-
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
-    """Builds tests/cuda_emulation into a fresh folder (the kernel headers change without the
-    source file's hash changing, so no cached build is reused) and loads its ops."""
-    include = _cuda_include_dir()
-    if include is None:
+    ops = load_attention_emulation(tmp_path_factory.mktemp("attention_emulation"))
+    if ops is None:
         pytest.skip("no CUDA toolkit headers (cuda_fp16.h) for the emulated kernels: set CUDA_HOME")
-    from torch.utils import cpp_extension
-
-    cpp_extension.load(
-        name="entmax_attention_emulation",
-        sources=[str(REPO_ROOT / "tests" / "cuda_emulation" / "attention_emulation.cpp")],
-        extra_cflags=["-O1", "-std=c++17", "-Wno-unknown-pragmas"],
-        extra_include_paths=[include],
-        is_python_module=False,
-        build_directory=str(tmp_path_factory.mktemp("attention_emulation")),
-    )
-    return torch.ops.entmax_cuda_emulation
+    return ops
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float64, alpha=None, seed=0):

@@ -82,6 +82,39 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
 
 
+# ---------------------------------------------------------------- CUDA kernels on the CPU
+
+def cuda_include_dir():
+    """The CUDA toolkit's include folder (cuda_fp16.h), or None."""
+    from torch.utils import cpp_extension
+
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return str(Path(root) / "include")
+    return None
+
+
+def load_attention_emulation(build_dir):
+    """Builds tests/cuda_emulation (the CUDA attention kernels on the CPU) into build_dir and returns its ops,
+    torch.ops.entmax_cuda_emulation. Build into a fresh folder: the kernel headers can change without the
+    source file's hash changing, so a cached build could be stale. None without the CUDA toolkit's headers
+    or off Linux (the emulator uses glibc's ucontext)."""
+    include = cuda_include_dir()
+    if include is None or not sys.platform.startswith("linux"):
+        return None
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name="entmax_attention_emulation",
+        sources=[str(REPO_ROOT / "tests" / "cuda_emulation" / "attention_emulation.cpp")],
+        extra_cflags=["-O1", "-std=c++17", "-Wno-unknown-pragmas"],
+        extra_include_paths=[include],
+        is_python_module=False,
+        build_directory=str(build_dir),
+    )
+    return torch.ops.entmax_cuda_emulation
+
+
 # ---------------------------------------------------------------- dsan tests
 
 if str(REPO_ROOT) not in sys.path:  # a plain checkout works too; an installed dsan/entmax_cuda wins

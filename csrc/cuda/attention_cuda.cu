@@ -118,9 +118,8 @@ void run(const char* op, const AttentionParams& p, const Device& dev, cudaStream
   const PathRequest want = requested_path();
   if constexpr (is_half_type<T>()) {
     if (want != PathRequest::kSimt && tensor_cores_for<T>(dev)) {
-      // Column chunks of 64 cover head dims up to 64 at once; wider ones take chunks of 128.
-      const bool done = (p.D <= 64 && p.Dv <= 64) ? Step<TcGemm<T, 64>>::run(p, dev, stream)
-                                                  : Step<TcGemm<T, 128>>::run(p, dev, stream);
+      const bool done = tensor_core_chunk(p) == 64 ? Step<TcGemm<T, 64>>::run(p, dev, stream)
+                                                    : Step<TcGemm<T, 128>>::run(p, dev, stream);
       if (done) return;
       ENTMAX_CHECK(want != PathRequest::kTensorCore,
                    no_tensor_cores(op, "its tiles do not fit in the device's shared memory"));

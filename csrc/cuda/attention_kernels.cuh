@@ -159,16 +159,22 @@ __device__ __forceinline__ int64_t mask_row_offset(const AttentionParams& p, int
   return b * p.mask_st[0] + h * p.mask_st[1] + i * p.mask_st[2];
 }
 
-// The CPU's mask_scores for one entry: keys past the row's visible prefix -inf,
-// bool False -inf, additive entries added.
+// Keys [j0, j0 + limit) of the block at j0 are in a row's visible prefix (limit in [0, 64]).
+__device__ __forceinline__ int block_limit(int64_t visible, int64_t j0) {
+  const int64_t n = visible - j0;
+  return n <= 0 ? 0 : (n >= kTile ? kTile : static_cast<int>(n));
+}
+
+// The CPU's mask_scores for the entry of key j0 + c: past the row's visible prefix
+// -inf, bool False -inf, additive entries added.
 template <typename acc_t>
-__device__ __forceinline__ acc_t masked(const AttentionParams& p, acc_t s, int64_t visible, int64_t mask_offset,
-                                        int64_t j) {
-  if (j >= visible) return neg_inf<acc_t>();
-  if (p.mask_kind == kBoolMask)
-    return static_cast<const unsigned char*>(p.mask)[mask_offset + j * p.mask_st[3]] ? s : neg_inf<acc_t>();
-  if (p.mask_kind == kAdditiveMask) return s + static_cast<const acc_t*>(p.mask)[mask_offset + j * p.mask_st[3]];
-  return s;
+__device__ __forceinline__ acc_t masked(const AttentionParams& p, acc_t s, int limit, int64_t mask_offset, int64_t j0,
+                                        int c) {
+  if (c >= limit) return neg_inf<acc_t>();
+  if (p.mask_kind == kNoMask) return s;
+  const int64_t at = mask_offset + (j0 + c) * p.mask_st[3];
+  if (p.mask_kind == kBoolMask) return static_cast<const unsigned char*>(p.mask)[at] ? s : neg_inf<acc_t>();
+  return s + static_cast<const acc_t*>(p.mask)[at];
 }
 
 template <typename T>
@@ -274,11 +280,13 @@ __device__ __forceinline__ void forward_tile(const AttentionParams& p) {
     __syncthreads();
     gemm.template xy_t<kX0, kY0>(S, active);
     if (!active) return;
+    const int64_t j0 = kt * kTile;
+    const int limit[2] = {block_limit(visible[0], j0), block_limit(visible[1], j0)};
 #pragma unroll
     for (int nt = 0; nt < kTileNt; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        S.v[nt][e] = masked(p, S.v[nt][e], visible[e >> 1], mask_offset[e >> 1], kt * kTile + fc.col(nt, e));
+        S.v[nt][e] = masked(p, S.v[nt][e], limit[e >> 1], mask_offset[e >> 1], j0, fc.col(nt, e));
   };
 
   // Pass 0: per row the max, the count of unmasked keys, NaN/+inf, the largest
@@ -532,11 +540,13 @@ __device__ __forceinline__ void backward_rows_tile(const AttentionParams& p) {
     __syncthreads();
     gemm.template xy_t<kX0, kY0>(S, true);
     gemm.template xy_t<kX1, kY1>(dP, true);
+    const int64_t j0 = kt * kTile;
+    const int limit[2] = {block_limit(visible[0], j0), block_limit(visible[1], j0)};
 #pragma unroll
     for (int nt = 0; nt < kTileNt; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        S.v[nt][e] = masked(p, S.v[nt][e], visible[e >> 1], mask_offset[e >> 1], kt * kTile + fc.col(nt, e));
+        S.v[nt][e] = masked(p, S.v[nt][e], limit[e >> 1], mask_offset[e >> 1], j0, fc.col(nt, e));
   };
 
   // Sweep 1: per row G = sum g, sum g dP (and the alpha-gradient's sums): q_i, d alpha_i.
@@ -676,8 +686,8 @@ __device__ __forceinline__ void backward_keys_tile(const AttentionParams& p) {
       for (int nt = 0; nt < kTileNt; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int c = fc.col(nt, e);
-          const acc_t s = masked(p, S.v[nt][e], cols.visible[c], cols.mask_offset[c], j0 + fc.row(e >> 1));
+          const int c = fc.col(nt, e), key = fc.row(e >> 1);
+          const acc_t s = masked(p, S.v[nt][e], block_limit(cols.visible[c], j0), cols.mask_offset[c], j0, key);
           const BackwardEntry<acc_t> en = backward_entry(cols.row[c], cols.bad[c] != 0, s);
           S.v[nt][e] = is_dk ? en.g * (dP.v[nt][e] - cols.q[c]) : en.p_hat;
         }

@@ -44,6 +44,9 @@ bool fit_block_maxima(AttentionParams& p, size_t max_smem, size_t& smem, size_t 
   return false;
 }
 
+// Column chunk of the tensor-core path: 64 covers head dims up to 64 in one chunk, wider ones take 128.
+inline int tensor_core_chunk(const AttentionParams& p) { return (p.D <= 64 && p.Dv <= 64) ? 64 : 128; }
+
 // The key sweep's jobs: column chunks of dV, then of dK.
 template <class Gemm>
 void set_chunks(AttentionParams& p) {

@@ -6,7 +6,9 @@
 //   entmax_cuda_emulation::attention_backward(grad_out, q, k, v, alpha, mask?, causal, scale, stats,
 //                                             block_map, alpha_grad, policy)
 // on CPU tensors; policy 0: SimtGemm, 1: TcGemm with 64-column chunks, 2: with 128
-// (float16 / bfloat16 only); block_max_bytes: the forward's cap on block maxima
+// (float16 / bfloat16 only), -1: the CUDA op's choice on a GPU with tensor cores for
+// both half types (TcGemm with tensor_core_chunk for them, else SimtGemm);
+// block_max_bytes: the forward's cap on block maxima
 // (0: the CUDA op's). The calls are prepared by the CUDA op's own code
 // (attention_params.h); each CTA runs with 128 emulated threads, one after another.
 #define ENTMAX_CUDA_EMULATION 1
@@ -46,7 +48,12 @@ void run_backward(AttentionParams p) {
 // Step<Gemm>(p) for the dtype of `dtype` and the policy number.
 template <template <class> class Step, typename... Args>
 void dispatch(ScalarType dtype, int64_t policy, const AttentionParams& p, Args... args) {
-  ENTMAX_CHECK(policy >= 0 && policy <= 2, "emulation: policy must be 0 (SIMT), 1 (TC, 64) or 2 (TC, 128)");
+  ENTMAX_CHECK(policy >= -1 && policy <= 2,
+               "emulation: policy must be -1 (auto), 0 (SIMT), 1 (TC, 64) or 2 (TC, 128)");
+  if (policy == -1) {
+    const bool half = dtype == ScalarType::Half || dtype == ScalarType::BFloat16;
+    policy = !half ? 0 : (tensor_core_chunk(p) == 64 ? 1 : 2);
+  }
   const bool tc = policy > 0;
   switch (dtype) {
     case ScalarType::Float:
