@@ -1,7 +1,7 @@
 // CUDA implementation of the fused attention ops (schemas: csrc/attention.cpp):
 // tensors to kernel parameters, the choice of matmul path, launches on the
 // current stream. The kernels are in attention_kernels.cuh (instantiated in
-// attention_simt.cu and attention_tc_*.cu).
+// attention_simt_*.cu and attention_tc_*.cu).
 //
 // Paths: tensor cores (mma.sync) for float16 on sm_75+ and bfloat16 on sm_80+
 // when the tiles fit in shared memory, else SIMT (every dtype, float32 exact).

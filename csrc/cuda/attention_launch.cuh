@@ -1,6 +1,6 @@
 // Launch templates of the fused attention kernels (no torch): shared-memory
 // sizing, the opt-in attribute, grids. Instantiated per matmul policy in
-// attention_simt.cu and attention_tc_*.cu, so those compile in parallel; the
+// attention_simt_*.cu and attention_tc_*.cu, so those compile in parallel; the
 // torch-facing launcher (attention_cuda.cu) only declares them.
 #pragma once
 
