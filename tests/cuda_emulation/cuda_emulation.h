@@ -17,7 +17,11 @@
 // (CTA) or lane (warp) reaches is reported as a deadlock; ldmatrix addresses must
 // lie in the CTA's shared memory, 16-byte aligned; the full mask is required;
 // shared memory starts filled with 0xff bytes (NaN as floats and halves), so a read
-// of an unwritten element shows in the results.
+// of an unwritten element shows in the results. run_cta's schedule: 0 resumes every
+// thread in order each round; any other value seeds random rounds that resume the
+// threads in a random order and each warp only with probability 1/2, so that warps
+// run ahead of each other (up to the next CTA barrier) as on a GPU: a shared-memory
+// race (a missing barrier) then makes results depend on the schedule.
 // Include this before the kernel headers, with ENTMAX_CUDA_EMULATION defined.
 #pragma once
 
@@ -27,7 +31,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <functional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -218,7 +224,8 @@ inline void fiber_entry() {
 }
 
 // Runs body() as CTA `block` of `threads` threads with `smem_bytes` of shared memory.
-inline void run_cta(int threads, size_t smem_bytes, unsigned block, const std::function<void()>& body) {
+inline void run_cta(int threads, size_t smem_bytes, unsigned block, const std::function<void()>& body,
+                    unsigned schedule = 0) {
   if (threads < 1 || threads > kMaxWarps * kWarpSize) fail("bad CTA size");
   Cta& c = cta();
   c.threads = threads;
@@ -241,19 +248,32 @@ inline void run_cta(int threads, size_t smem_bytes, unsigned block, const std::f
     makecontext(&f.context, fiber_entry, 0);
   }
   blockIdx.x = block;
+  std::vector<int> order(threads);
+  for (int i = 0; i < threads; ++i) order[i] = i;
+  std::mt19937 random(schedule + 7919u * block);
+  const int warps = (threads + kWarpSize - 1) / kWarpSize;
+  std::vector<char> runs(warps, 1);
+  int idle_rounds = 0;  // rounds in a row without progress
   for (;;) {
     bool all_done = true;
     const uint64_t before = c.progress;
-    for (int i = 0; i < threads && c.error.empty(); ++i) {
+    if (schedule != 0) {
+      std::shuffle(order.begin(), order.end(), random);
+      for (int w = 0; w < warps; ++w) runs[w] = random() & 1;
+    }
+    for (int n = 0; n < threads && c.error.empty(); ++n) {
+      const int i = order[n];
       if (c.fibers[i].done) continue;
       all_done = false;
+      if (!runs[i / kWarpSize]) continue;
       c.current = i;
       threadIdx.x = static_cast<unsigned>(i);
       swapcontext(&c.scheduler, &c.fibers[i].context);
     }
     if (!c.error.empty()) fail("block " + std::to_string(block) + ", " + c.error);
     if (all_done) return;
-    if (c.progress == before) {
+    idle_rounds = c.progress == before ? idle_rounds + 1 : 0;
+    if (idle_rounds >= (schedule != 0 ? 64 : 1)) {  // random rounds: 64 idle ones are 2^-64 likely by chance
       std::string where;
       for (int i = 0; i < threads; ++i)
         where += c.fibers[i].done ? '.' : (c.fibers[i].waiting ? c.fibers[i].waiting : '?');

@@ -32,7 +32,7 @@ class _EmulatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, mask, causal, scale):
         out, stats, block_map = _EmulatedAttention.ops.attention_forward(q, k, v, alpha, mask, causal, scale,
-                                                                         _EmulatedAttention.policy(), 0)
+                                                                         _EmulatedAttention.policy(), 0, 0)
         ctx.save_for_backward(q, k, v, alpha, stats, block_map)
         ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
         ctx.mark_non_differentiable(stats, block_map)
@@ -43,13 +43,13 @@ class _EmulatedAttention(torch.autograd.Function):
         q, k, v, alpha, stats, block_map = ctx.saved_tensors
         grads = _EmulatedAttention.ops.attention_backward(
             grad_out.contiguous(), q, k, v, alpha, ctx.mask, ctx.causal, ctx.scale, stats, block_map,
-            ctx.needs_input_grad[3], _EmulatedAttention.policy())
+            ctx.needs_input_grad[3], _EmulatedAttention.policy(), 0)
         return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:4])) + (None,) * 3
 
 
 def _backward_op(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad):
     return _EmulatedAttention.ops.attention_backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map,
-                                                     alpha_grad, _EmulatedAttention.policy())
+                                                     alpha_grad, _EmulatedAttention.policy(), 0)
 
 
 def pytest_configure(config):
