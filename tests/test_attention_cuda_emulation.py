@@ -21,7 +21,7 @@ import bench_attention  # noqa: E402  (its locally structured inputs)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulator uses glibc's ucontext")
 
-SIMT, TC64, TC128 = 0, 1, 2  # the emulator's policy numbers (attention_emulation.cpp)
+SIMT, TC64, TC128, TC64_SM75 = 0, 1, 2, 3  # the emulator's policy numbers (attention_emulation.cpp)
 # Agreement with the CPU kernel on the same inputs. float64 SIMT: rounding only; float32: the
 # two devices sum in different orders; tensor cores round P and dS to the input type for the
 # mma (as FlashAttention), relative 2^-11 (float16) and 2^-8 (bfloat16) of an entry.
@@ -151,6 +151,15 @@ def test_half_types_match_the_cpu_kernel(emulation, dtype, name, policy):
     args, mask, causal, scale = _case(name, dtype)
     _check(_run(emulation, args, mask, causal, scale, policy=policy), _run(None, args, mask, causal, scale), dtype,
            exact_evaluations=False)
+
+
+@pytest.mark.parametrize("name", ["ragged", "gqa causal"])
+def test_turing_float16_mma_as_two_k8_steps(emulation, name):
+    """sm_75 has mma.m16n8k8 only: the float16 path splits each m16n8k16 into two (emulated from the
+    k8 shape's own fragment layout)."""
+    args, mask, causal, scale = _case(name, torch.float16)
+    _check(_run(emulation, args, mask, causal, scale, policy=TC64_SM75), _run(None, args, mask, causal, scale),
+           torch.float16, exact_evaluations=False)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0, 2.5])

@@ -258,6 +258,27 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 #endif
 }
 
+// c += a b for one m16n8k8 float16 tile (Turing's shape): a0 rows g, a1 rows g + 8, b0 k 2t, 2t + 1.
+__device__ __forceinline__ void mma_1688_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+#if defined(ENTMAX_CUDA_EMULATION)
+  emulation::mma_1688_f16(c, a0, a1, b0);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(b0));
+#else
+  __trap();  // the launcher never selects tensor cores below sm_75
+#endif
+}
+
+// An m16n8k16 float16 product as two m16n8k8 ones: of the k16 fragments, a[0], a[1] and b0 hold
+// k 0..7 and a[2], a[3] and b1 hold k 8..15, each in the k8 shape's layout.
+__device__ __forceinline__ void mma_16816_as_two_k8(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  mma_1688_f16(c, a[0], a[1], b0);
+  mma_1688_f16(c, a[2], a[3], b1);
+}
+
 // c += a b for one m16n8k16 tile, a in the row layout, b in the column layout.
 template <typename scalar_t>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
@@ -265,25 +286,16 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(ENTMAX_CUDA_EMULATION)
-  emulation::mma_16816(c, a, b0, b1, false);
+  if (emulation::turing_mma()) mma_16816_as_two_k8(c, a, b0, b1);
+  else emulation::mma_16816(c, a, b0, b1, false);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
-  // Turing: k16 = two k8 steps (a0, a1, b0 hold k 0..7; a2, a3, b1 hold k 8..15).
-  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(b0));
-  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[2]), "r"(a[3]), "r"(b1));
 #else
-  __trap();  // the launcher never selects tensor cores below sm_75
+  mma_16816_as_two_k8(c, a, b0, b1);  // Turing (sm_75) has the k8 shape only
 #endif
 }
 

@@ -7,7 +7,8 @@
 //   entmax_cuda_emulation::attention_backward(grad_out, q, k, v, alpha, mask?, causal, scale, stats,
 //                                             block_map, alpha_grad, policy, schedule)
 // on CPU tensors; policy 0: SimtGemm, 1: TcGemm with 64-column chunks, 2: with 128
-// (float16 / bfloat16 only), -1: the CUDA op's choice on a GPU with tensor cores for
+// (float16 / bfloat16 only), 3: as 1 with Turing's float16 mma (two m16n8k8 per
+// m16n8k16; float16 only), -1: the CUDA op's choice on a GPU with tensor cores for
 // both half types (TcGemm with tensor_core_chunk for them, else SimtGemm);
 // block_max_bytes: the forward's cap on block maxima
 // (0: the CUDA op's); schedule: the order the emulated threads run in (cuda_emulation.h's
@@ -52,8 +53,11 @@ void run_backward(AttentionParams p, unsigned schedule) {
 // Step<Gemm>(p) for the dtype of `dtype` and the policy number.
 template <template <class> class Step, typename... Args>
 void dispatch(ScalarType dtype, int64_t policy, const AttentionParams& p, Args... args) {
-  ENTMAX_CHECK(policy >= -1 && policy <= 2,
-               "emulation: policy must be -1 (auto), 0 (SIMT), 1 (TC, 64) or 2 (TC, 128)");
+  ENTMAX_CHECK(policy >= -1 && policy <= 3,
+               "emulation: policy must be -1 (auto), 0 (SIMT), 1 (TC, 64), 2 (TC, 128) or 3 (TC, 64, sm_75)");
+  ENTMAX_CHECK(policy != 3 || dtype == ScalarType::Half, "emulation: Turing's tensor cores take float16 only");
+  emulation::turing_mma() = policy == 3;
+  if (policy == 3) policy = 1;
   if (policy == -1) {
     const bool half = dtype == ScalarType::Half || dtype == ScalarType::BFloat16;
     policy = !half ? 0 : (tensor_core_chunk(p) == 64 ? 1 : 2);

@@ -5,7 +5,7 @@
 // switched only inside the collective operations:
 //   __syncthreads / __syncthreads_or   wait for every thread of the CTA;
 //   __shfl_xor_sync / __any_sync       wait for the 32 lanes of the warp;
-//   ldmatrix_x4 / mma_16816           the warp instructions, from the PTX ISA's
+//   ldmatrix_x4 / mma_16816 / mma_1688_f16  the warp instructions, from the PTX ISA's
 //                                      fragment layouts (ldmatrix: lane l gets row
 //                                      l/4, elements 2(l%4) and 2(l%4)+1 of each
 //                                      8x8 matrix, or of its transpose with .trans;
@@ -207,6 +207,39 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
     float sum = 0.0f;
     for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    c[e] += sum;
+  }
+  warp_barrier();
+}
+
+// Whether mma_16816 on float16 runs as two m16n8k8 (the kernels' Turing path).
+inline bool& turing_mma() {
+  static bool on = false;
+  return on;
+}
+
+// c += A B, A 16x8 and B 8x8 as mma.m16n8k8 .f16 expects: a0 row g, a1 row g + 8, columns
+// 2t, 2t + 1; b0 rows 2t, 2t + 1 of column g; c as m16n8k16's.
+inline void mma_1688_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  const uint32_t mine[3] = {a0, a1, b0};
+  publish(mine, sizeof mine);
+  float A[16][8], B[8][8];
+  for (int L = 0; L < kWarpSize; ++L) {
+    uint32_t f[3];
+    std::memcpy(f, slot(L), sizeof f);
+    const int g = L / 4, t = L % 4;
+    for (int h = 0; h < 2; ++h) {
+      auto half_of = [&](uint32_t reg) { return half_bits_to_float(static_cast<uint16_t>(reg >> (16 * h)), false); };
+      A[g][2 * t + h] = half_of(f[0]);
+      A[g + 8][2 * t + h] = half_of(f[1]);
+      B[2 * t + h][g] = half_of(f[2]);
+    }
+  }
+  const int g = lane() / 4, t = lane() % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float sum = 0.0f;
+    for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];
     c[e] += sum;
   }
   warp_barrier();
