@@ -229,6 +229,21 @@ __device__ __forceinline__ void merge_largest(T (&v)[K], T& rejected, int lane_m
   for (int i = 0; i < K; ++i) v[i] = c[i];
 }
 
+// The thread's part of row r (its row(r)) of a chunk of a D-wide result, columns c0 + col(nt, e)
+// below width, times scale, into dst (the row's element 0).
+template <typename scalar_t, typename acc_t, int NT>
+__device__ __forceinline__ void store_row_chunk(scalar_t* dst, const Frag<acc_t, NT>& f, int r, int c0, int width,
+                                                acc_t scale) {
+  const FragCoord fc;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 2 * r; e < 2 * r + 2; ++e) {
+      const int col = c0 + fc.col(nt, e);
+      if (col < width) dst[col] = Scalar<scalar_t>::from_acc(f.v[nt][e] * scale);
+    }
+}
+
 // The CTA's 64-query tile, in an order that starts the longest causal tiles first.
 struct QueryTile {
   int64_t b, h, qt;
@@ -439,14 +454,8 @@ __device__ __forceinline__ void forward_tile(const AttentionParams& p) {
       if (th[r].kind == Threshold::kBad) o_scale = quiet_nan<acc_t>();
       else if (th[r].kind == Threshold::kEmpty) o_scale = acc_t(0);
       else o_scale = static_cast<acc_t>(1.0 / sum_p[r]);
-      scalar_t* out = static_cast<scalar_t*>(p.out) + ((b * p.Hq + h) * p.Lq + row_i[r]) * p.Dv;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const int col = c0 + fc.col(nt, e);
-          if (col < p.Dv) out[col] = Scalar<scalar_t>::from_acc(O.v[nt][e] * o_scale);
-        }
+      store_row_chunk(static_cast<scalar_t*>(p.out) + ((b * p.Hq + h) * p.Lq + row_i[r]) * p.Dv, O, r, c0, p.Dv,
+                      o_scale);
     }
   }
 
@@ -620,14 +629,8 @@ __device__ __forceinline__ void backward_rows_tile(const AttentionParams& p) {
     for (int r = 0; r < 2; ++r) {
       if (row_i[r] >= p.Lq) continue;
       const acc_t scale = bad[r] ? quiet_nan<acc_t>() : acc_t(p.scale);
-      scalar_t* dq = static_cast<scalar_t*>(p.grad_q) + ((b * p.Hq + h) * p.Lq + row_i[r]) * p.D;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const int col = c0 + fc.col(nt, e);
-          if (col < p.D) dq[col] = Scalar<scalar_t>::from_acc(dQ.v[nt][e] * scale);
-        }
+      store_row_chunk(static_cast<scalar_t*>(p.grad_q) + ((b * p.Hq + h) * p.Lq + row_i[r]) * p.D, dQ, r, c0, p.D,
+                      scale);
     }
   }
 }
@@ -702,15 +705,7 @@ __device__ __forceinline__ void backward_keys_tile(const AttentionParams& p) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t j = j0 + fc.row(r);
-    if (j >= p.Lk) continue;
-    scalar_t* out = dst + ((b * p.Hkv + hk) * p.Lk + j) * width;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 2 * r; e < 2 * r + 2; ++e) {
-        const int col = c0 + fc.col(nt, e);
-        if (col < width) out[col] = Scalar<scalar_t>::from_acc(acc.v[nt][e]);
-      }
+    if (j < p.Lk) store_row_chunk(dst + ((b * p.Hkv + hk) * p.Lk + j) * width, acc, r, c0, width, acc_t(1));
   }
 }
 
