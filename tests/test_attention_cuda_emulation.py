@@ -32,7 +32,7 @@ RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bf
 def emulation(tmp_path_factory):
     ops = load_attention_emulation(tmp_path_factory.mktemp("attention_emulation"))
     if ops is None:
-        pytest.skip("no CUDA toolkit headers (cuda_fp16.h) for the emulated kernels: set CUDA_HOME")
+        pytest.skip("no CUDA toolkit headers (cuda_fp16.h: set CUDA_HOME) or no C++ compiler for the emulated kernels")
     return ops
 
 
@@ -143,9 +143,9 @@ def test_simt_float32_matches_the_cpu_kernel(emulation, name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name, policy", [("ragged", TC64), ("gqa causal", TC64), ("bias with -inf and an all-masked row",
-                                                                                   TC64),
-                                          ("ragged", TC128), ("head dim 200", TC128), ("ragged", SIMT)])
+@pytest.mark.parametrize("name, policy", [("ragged", TC64), ("gqa causal", TC64),
+                                          ("bias with -inf and an all-masked row", TC64), ("ragged", TC128),
+                                          ("head dim 200", TC128), ("ragged", SIMT)])
 def test_half_types_match_the_cpu_kernel(emulation, dtype, name, policy):
     """The CPU kernel on the same half inputs, in float; the tensor-core path rounds P and dS to dtype."""
     args, mask, causal, scale = _case(name, dtype)

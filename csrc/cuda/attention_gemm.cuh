@@ -411,7 +411,8 @@ struct TcGemm {
     const Slot& Y = slot[SY];
     const int width = X.width < Y.width ? X.width : Y.width;
     const int l = fc.lane;
-    // ldmatrix lane addresses: A (rows of the warp, k halves by lane / 16), B (n rows by lanes 0-7 / 16-23, k halves by (lane / 8) % 2)
+    // ldmatrix lane addresses: A rows of the warp, k halves by lane / 16; B n rows by lanes 0-7 and
+    // 16-23, k halves by (lane / 8) % 2
     const scalar_t* a_ptr = X.smem + (16 * fc.warp + (l & 15)) * X.ld + (l >> 4) * 8;
     const scalar_t* b_ptr = Y.smem + ((l & 7) + ((l >> 4) << 3)) * Y.ld + ((l >> 3) & 1) * 8;
     for (int k0 = 0; k0 < width; k0 += 16) {

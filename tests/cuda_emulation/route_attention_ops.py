@@ -58,7 +58,8 @@ def pytest_configure(config):
 
     ops = load_attention_emulation(tempfile.mkdtemp(prefix="attention_emulation_"))
     if ops is None:
-        raise RuntimeError("route_attention_ops: no CUDA toolkit headers (cuda_fp16.h) to build the emulator")
+        raise RuntimeError("route_attention_ops: no CUDA toolkit headers (cuda_fp16.h) or C++ compiler to build "
+                           "the emulator")
     _EmulatedAttention.ops = ops
     attention.forward_op = _EmulatedAttention.apply
     attention.backward_op = _backward_op
