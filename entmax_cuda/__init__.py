@@ -26,11 +26,13 @@ from .losses import (  # noqa: E402
     sparsemax_loss,
 )
 from .modules import AdaptiveEntmax, Entmax15, EntmaxBisect, Sparsemax, SparsemaxBisect  # noqa: E402
+from .attention import EntmaxAttention, scaled_dot_product_entmax  # noqa: E402
 from . import reference  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "entmax", "AdaptiveEntmax", "reference", "__version__",
+    "scaled_dot_product_entmax", "EntmaxAttention",
     # the entmax library's API
     "sparsemax", "entmax15", "entmax_bisect", "sparsemax_bisect",
     "Sparsemax", "Entmax15", "EntmaxBisect", "SparsemaxBisect",

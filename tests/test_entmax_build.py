@@ -62,8 +62,8 @@ def test_cuda_build_registers_cuda_kernels():
     if not _REAL_BUILD_INFO.WITH_CUDA or torch.version.cuda is None:
         pytest.skip("this build has no CUDA kernels (ENTMAX_CUDA=0), or torch is a CPU build")
     assert _build.CUDA_KERNELS_LOADED
-    for op in ("entmax_forward", "entmax_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"entmax_cuda::{op}", "CUDA")
+    for op in ("entmax_forward", "entmax_backward", "attention_forward", "attention_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"entmax_cuda::{op}", "CUDA"), op
 
 
 @pytest.mark.parametrize("version,expected", [("2.14.1+cu130", (2, 14)), ("2.10.0", (2, 10)),

@@ -82,55 +82,41 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
 
 
-# ---------------------------------------------------------------- dsan tests
+# ---------------------------------------------------------------- CUDA kernels on the CPU
 
-if str(REPO_ROOT) not in sys.path:  # a plain checkout works too; an installed dsan/entmax_cuda wins
-    sys.path.append(str(REPO_ROOT))
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-RETAILROCKET = SHARED_DATA / "retailrocket"
-RAW_DIGINETICA = SHARED_DATA / "raw" / "diginetica-sample-train-item-views.csv"
-RAW_RETAILROCKET_SESSIONS = SHARED_DATA / "raw" / "retailrocket-sample-sessions.tsv"
+def cuda_include_dir():
+    """The CUDA toolkit's include folder (cuda_fp16.h), or None."""
+    from torch.utils import cpp_extension
 
-# small enough for a few seconds per run on 2 CPU cores, large enough to learn something
-TINY_SYNTHETIC = {"synthetic_sessions": 1200, "synthetic_items": 150}
-TINY_TRAINING = {"epochs": 2, "batch_size": 64, "lr": 0.01, "eval_batch_size": 128, "embedding_dim": 16,
-                 "attention": "softmax", "threads": 1, "device": "cpu"}
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return str(Path(root) / "include")
+    return None
 
 
-def require(path: Path):
-    """path, or skip the test naming what is missing."""
-    if not path.exists():
-        pytest.skip(f"real data not found: {path} (the shared data folder beside the checkout)")
-    return path
+def load_attention_emulation(build_dir):
+    """Builds tests/cuda_emulation (the CUDA attention kernels on the CPU) into build_dir with the C++
+    compiler ($CXX, else c++; no ninja needed) and returns its ops, torch.ops.entmax_cuda_emulation.
+    Build into a fresh folder: the kernel headers change without the source changing. None without the
+    CUDA toolkit's headers or a compiler, or off Linux (the emulator uses glibc's ucontext)."""
+    import shutil
+    import subprocess
 
+    from torch.utils import cpp_extension
 
-def make_tiny_synthetic(out_dir, seed: int = 1):
-    from dsan.data import prepare
-
-    prepare("synthetic", out_dir, seed=seed, **TINY_SYNTHETIC)
-    return Path(out_dir)
-
-
-def tiny_config(data_dir, run_dir, resume: bool = False, **overrides):
-    """The RunConfig of a tiny run (TINY_TRAINING, then `overrides`)."""
-    from dsan.train import prepare_run
-
-    return prepare_run(run_dir, overrides=dict(TINY_TRAINING, data=str(data_dir), **overrides), resume=resume)
-
-
-def train_tiny(data_dir, run_dir, resume: bool = False, **overrides) -> dict:
-    """Trains (quietly) and tests a tiny run in run_dir; returns its summary."""
-    from dsan.train import train
-
-    return train(tiny_config(data_dir, run_dir, resume, **overrides), run_dir, resume=resume, quiet=True)
-
-
-def subprocess_env() -> dict:
-    """Environment for `python -m dsan` in a subprocess (run it with cwd outside the checkout):
-    the checkout goes on PYTHONPATH only when dsan is not installed."""
-    import dsan
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if Path(dsan.__file__).resolve().parents[1] == REPO_ROOT:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return env
+    include = cuda_include_dir()
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if include is None or compiler is None or not sys.platform.startswith("linux"):
+        return None
+    library = Path(build_dir) / "entmax_attention_emulation.so"
+    libs = cpp_extension.library_paths()
+    command = [compiler, "-shared", "-fPIC", "-O1", "-std=c++17", "-Wno-unknown-pragmas",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{include}",
+               *(f"-I{p}" for p in cpp_extension.include_paths()),
+               str(REPO_ROOT / "tests" / "cuda_emulation" / "attention_emulation.cpp"), "-o", str(library),
+               *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch", "-ltorch_cpu"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(command)}\n{done.stderr[-4000:]}")
+    torch.ops.load_library(str(library))
+    return torch.ops.entmax_cuda_emulation

@@ -1,0 +1,64 @@
+// Launch templates of the fused attention kernels (no torch): shared-memory
+// sizing, the opt-in attribute, grids. Instantiated per matmul policy in
+// attention_simt_*.cu and attention_tc_*.cu, so those compile in parallel; the
+// torch-facing launcher (attention_cuda.cu) only declares them.
+#pragma once
+
+#include "attention_kernels.cuh"
+
+#include <cuda_runtime.h>
+
+namespace entmax_cuda {
+namespace attention_cuda {
+
+template <class Gemm>
+size_t rows_smem_bytes(const AttentionParams& p) { return RowsSmem<Gemm>(p.D, p.Dv).total; }
+
+template <class Gemm>
+size_t keys_smem_bytes(const AttentionParams& p) { return KeysSmem<Gemm>(p.D, p.Dv).total; }
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, int64_t grid, size_t smem, cudaStream_t stream, const AttentionParams& p) {
+  // The opt-in limit is per kernel; above 48 KiB it must be raised before the launch.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Forward: one CTA per (batch, head, query tile); p.bm_shift / p.n_bm and smem from fit_block_maxima
+// (attention_params.h).
+template <class Gemm>
+cudaError_t launch_attention_forward(const AttentionParams& p, size_t smem, cudaStream_t stream) {
+  return launch(attention_forward_kernel<Gemm>, p.B * p.Hq * p.nQ, smem, stream, p);
+}
+
+// Backward: the row sweep (q_i, alpha-gradient, dQ), then the key sweep (dK, dV)
+// on the same stream; p.chunks_v / p.chunks_k from set_chunks<Gemm> (attention_params.h).
+template <class Gemm>
+cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t stream) {
+  cudaError_t err = launch(attention_backward_rows_kernel<Gemm>, p.B * p.Hq * p.nQ, rows_smem_bytes<Gemm>(p),
+                           stream, p);
+  if (err != cudaSuccess || p.nK == 0) return err;
+  return launch(attention_backward_keys_kernel<Gemm>, (p.chunks_v + p.chunks_k) * p.B * p.Hkv * p.nK,
+                keys_smem_bytes<Gemm>(p), stream, p);
+}
+
+// Explicit instantiation (in the policy's .cu file) or its extern declaration (in the launcher).
+#define ENTMAX_ATTENTION_INSTANTIATE(prefix, ...)                                                         \
+  prefix template cudaError_t launch_attention_forward<__VA_ARGS__>(const AttentionParams&, size_t,      \
+                                                                    cudaStream_t);                       \
+  prefix template cudaError_t launch_attention_backward<__VA_ARGS__>(const AttentionParams&, cudaStream_t);
+
+#define ENTMAX_ATTENTION_ALL_POLICIES(prefix)                       \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, SimtGemm<float>)             \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, SimtGemm<double>)            \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, SimtGemm<__half>)            \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, SimtGemm<__nv_bfloat16>)     \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, TcGemm<__half, 64>)          \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, TcGemm<__half, 128>)         \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, TcGemm<__nv_bfloat16, 64>)   \
+  ENTMAX_ATTENTION_INSTANTIATE(prefix, TcGemm<__nv_bfloat16, 128>)
+
+}  // namespace attention_cuda
+}  // namespace entmax_cuda

@@ -1,0 +1,168 @@
+// Host side of the CUDA attention ops: the op's tensors to kernel parameters,
+// its outputs, and the plan of a launch (block-maxima resolution, column
+// chunks). Shared by the CUDA op (attention_cuda.cu) and the test build that
+// runs the same kernels on the CPU (tests/cuda_emulation), so both prepare a
+// call the same way.
+#pragma once
+
+#include "../attention_ops.h"
+#include "../entmax_ops.h"
+#include "attention_kernels.cuh"
+
+#include <torch/csrc/stable/ops.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace entmax_cuda {
+namespace attention_cuda {
+namespace {
+
+// Cap on the forward's block maxima in shared memory (one acc_t per key tile;
+// 16384 bytes hold 4096 floats, i.e. 256k keys at full resolution). Past it, or
+// past the device's shared memory, one maximum covers 2^bm_shift key tiles:
+// fewer blocks are skipped, none wrongly.
+constexpr size_t kBlockMaxBytes = 16384;
+
+// Block-maxima resolution of a forward with policy Gemm that fits max_smem bytes
+// (sets p.bm_shift, p.n_bm and smem); false when even the coarsest does not fit.
+template <class Gemm>
+bool fit_block_maxima(AttentionParams& p, size_t max_smem, size_t& smem, size_t cap = kBlockMaxBytes) {
+  using acc_t = typename Gemm::acc_t;
+  for (int shift = 0; shift < 31; ++shift) {
+    const int64_t n_bm = (p.nK + (int64_t(1) << shift) - 1) >> shift;
+    const size_t bytes = ForwardSmem<Gemm>(p.D, p.Dv, static_cast<int>(n_bm)).total;
+    if ((static_cast<size_t>(n_bm) * sizeof(acc_t) <= cap || n_bm <= 1) && bytes <= max_smem) {
+      p.bm_shift = shift;
+      p.n_bm = static_cast<int>(n_bm);
+      smem = bytes;
+      return true;
+    }
+    if (n_bm <= 1) break;
+  }
+  return false;
+}
+
+// Column chunk of the tensor-core path: 64 covers head dims up to 64 in one chunk, wider ones take 128.
+inline int tensor_core_chunk(const AttentionParams& p) { return (p.D <= 64 && p.Dv <= 64) ? 64 : 128; }
+
+// The key sweep's jobs: column chunks of dV, then of dK.
+template <class Gemm>
+void set_chunks(AttentionParams& p) {
+  p.chunks_v = static_cast<int>(attention::num_tiles(p.Dv, Gemm::kChunk));
+  p.chunks_k = static_cast<int>(attention::num_tiles(p.D, Gemm::kChunk));
+}
+
+inline void set_tensor(const Tensor& t, const void*& ptr, int64_t (&st)[4], bool& vec16) {
+  ptr = t.const_data_ptr();
+  for (int d = 0; d < 4; ++d) st[d] = t.stride(d);
+  const int64_t per16 = 16 / static_cast<int64_t>(t.element_size());
+  vec16 = st[3] == 1 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % per16 == 0 && st[1] % per16 == 0 &&
+          st[2] % per16 == 0;
+}
+
+inline AttentionParams make_params(const Shape& s, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const Tensor& alpha, const std::optional<Tensor>& mask, int64_t causal,
+                                   double scale) {
+  constexpr int64_t kMaxLength = std::numeric_limits<int32_t>::max();
+  ENTMAX_CHECK(s.Lq <= kMaxLength && s.Lk <= kMaxLength, "entmax attention (CUDA): lengths above 2^31 - 1 (got ",
+               s.Lq, " and ", s.Lk, ")");
+  AttentionParams p{};
+  set_tensor(q, p.q, p.q_st, p.q_vec16);
+  set_tensor(k, p.k, p.k_st, p.k_vec16);
+  set_tensor(v, p.v, p.v_st, p.v_vec16);
+  p.alpha = alpha.const_data_ptr();
+  for (int d = 0; d < 3; ++d) p.alpha_st[d] = alpha.stride(d);
+  p.mask_kind = kNoMask;
+  if (mask.has_value()) {
+    p.mask = mask->const_data_ptr();
+    for (int d = 0; d < 4; ++d) p.mask_st[d] = mask->stride(d);
+    p.mask_kind = mask->scalar_type() == ScalarType::Bool ? kBoolMask : kAdditiveMask;
+  }
+  p.causal = static_cast<int>(causal);
+  p.offset = attention::causal_offset(causal, s.Lq, s.Lk);
+  p.B = s.B;
+  p.Hq = s.Hq;
+  p.Hkv = s.Hkv;
+  p.group = s.Hq / s.Hkv;
+  p.Lq = s.Lq;
+  p.Lk = s.Lk;
+  p.nQ = attention::num_tiles(s.Lq, attention::kBlockQ);
+  p.nK = attention::num_tiles(s.Lk, attention::kBlockK);
+  p.D = static_cast<int>(s.D);
+  p.Dv = static_cast<int>(s.Dv);
+  p.scale = scale;
+  constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
+  const int64_t max_jobs = 2 * attention::num_tiles(attention::kMaxHeadDim, 64);  // dV and dK chunks of 64
+  ENTMAX_CHECK(p.B * p.Hq * p.nQ <= kMaxGrid && max_jobs * p.B * p.Hkv * p.nK <= kMaxGrid,
+               "entmax attention (CUDA): too many (batch, head, tile) blocks for one launch");
+  return p;
+}
+
+// A forward call: its outputs and the kernels' parameters (`empty`: nothing to compute).
+struct ForwardCall {
+  Tensor out, stats, block_map;
+  AttentionParams p;
+  bool empty;
+};
+
+inline ForwardCall prepare_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
+                                   const std::optional<Tensor>& mask, int64_t causal, double scale) {
+  const Shape s = check_attention_args("attention_forward", q, k, v, alpha, mask, causal);
+  const int64_t nQ = attention::num_tiles(s.Lq, attention::kBlockQ);
+  const int64_t nK = attention::num_tiles(s.Lk, attention::kBlockK);
+  ForwardCall call{torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.Dv}),
+                   torch::stable::new_empty(alpha, {s.B, s.Hq, attention::kNumStats, s.Lq}),
+                   torch::stable::new_empty(q, {s.B, s.Hq, nQ, nK}, ScalarType::Byte), AttentionParams{},
+                   s.B * s.Hq * s.Lq == 0};
+  if (call.empty) return call;
+  call.p = make_params(s, q, k, v, alpha, mask, causal, scale);
+  call.p.out = call.out.mutable_data_ptr();
+  call.p.stats = call.stats.mutable_data_ptr();
+  call.p.block_map = static_cast<uint8_t*>(call.block_map.mutable_data_ptr());
+  return call;
+}
+
+struct BackwardCall {
+  Tensor dq, dk, dv, dalpha, q_rows;
+  AttentionParams p;
+  bool empty;
+};
+
+inline BackwardCall prepare_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& alpha, const std::optional<Tensor>& mask, int64_t causal,
+                                     double scale, const Tensor& stats, const Tensor& block_map, bool alpha_grad) {
+  const Shape s = check_attention_backward_args(grad_out, q, k, v, alpha, mask, causal, stats, block_map);
+  BackwardCall call;
+  call.empty = s.B * s.Hq * s.Lq == 0;
+  if (call.empty) {  // no query: nothing reaches k, v or alpha
+    call.dq = torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.D});
+    call.dk = torch::stable::new_zeros(k, {s.B, s.Hkv, s.Lk, s.D});
+    call.dv = torch::stable::new_zeros(v, {s.B, s.Hkv, s.Lk, s.Dv});
+    call.dalpha = torch::stable::new_zeros(alpha, {s.B, s.Hq, s.Lq});
+    return call;
+  }
+  // Every element of these is written by the kernels.
+  call.dq = torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.D});
+  call.dk = torch::stable::new_empty(k, {s.B, s.Hkv, s.Lk, s.D});
+  call.dv = torch::stable::new_empty(v, {s.B, s.Hkv, s.Lk, s.Dv});
+  call.dalpha = torch::stable::new_empty(alpha, {s.B, s.Hq, s.Lq});
+  call.q_rows = torch::stable::new_empty(alpha, {s.B, s.Hq, s.Lq});
+  AttentionParams& p = call.p;
+  p = make_params(s, q, k, v, alpha, mask, causal, scale);
+  set_tensor(grad_out, p.grad_out, p.do_st, p.do_vec16);
+  p.stats = const_cast<void*>(stats.const_data_ptr());
+  p.block_map = const_cast<uint8_t*>(static_cast<const uint8_t*>(block_map.const_data_ptr()));
+  p.grad_q = call.dq.mutable_data_ptr();
+  p.grad_k = call.dk.mutable_data_ptr();
+  p.grad_v = call.dv.mutable_data_ptr();
+  p.grad_alpha = call.dalpha.mutable_data_ptr();
+  p.q_rows = call.q_rows.mutable_data_ptr();
+  p.alpha_grad = alpha_grad;
+  return call;
+}
+
+}  // namespace
+}  // namespace attention_cuda
+}  // namespace entmax_cuda

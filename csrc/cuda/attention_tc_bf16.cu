@@ -1,0 +1,9 @@
+// The tensor-core attention kernels for bfloat16 (attention_kernels.cuh).
+#include "attention_launch.cuh"
+
+namespace entmax_cuda {
+namespace attention_cuda {
+ENTMAX_ATTENTION_INSTANTIATE(, TcGemm<__nv_bfloat16, 64>)
+ENTMAX_ATTENTION_INSTANTIATE(, TcGemm<__nv_bfloat16, 128>)
+}  // namespace attention_cuda
+}  // namespace entmax_cuda

@@ -1,0 +1,134 @@
+// The CUDA attention kernels (csrc/cuda/attention_kernels.cuh) run on the CPU
+// under cuda_emulation.h, as ops of a test library, so that the tests compare
+// them with the CPU kernel without a GPU (tests/test_attention_cuda_emulation.py):
+//
+//   entmax_cuda_emulation::attention_forward(q, k, v, alpha, mask?, causal, scale, policy, block_max_bytes,
+//                                            schedule)
+//   entmax_cuda_emulation::attention_backward(grad_out, q, k, v, alpha, mask?, causal, scale, stats,
+//                                             block_map, alpha_grad, policy, schedule)
+// on CPU tensors; policy 0: SimtGemm, 1: TcGemm with 64-column chunks, 2: with 128
+// (float16 / bfloat16 only), 3: as 1 with Turing's float16 mma (two m16n8k8 per
+// m16n8k16; float16 only), -1: the CUDA op's choice on a GPU with tensor cores for
+// both half types (TcGemm with tensor_core_chunk for them, else SimtGemm);
+// block_max_bytes: the forward's cap on block maxima
+// (0: the CUDA op's); schedule: the order the emulated threads run in (cuda_emulation.h's
+// run_cta: 0 in order, else random from it). The calls are prepared by the CUDA op's own code
+// (attention_params.h); each CTA runs with 128 emulated threads, one after another.
+#define ENTMAX_CUDA_EMULATION 1
+#include "cuda_emulation.h"
+
+#include "../../csrc/cuda/attention_params.h"
+
+#include <torch/csrc/stable/library.h>
+
+#include <tuple>
+
+namespace entmax_cuda {
+namespace {
+
+using namespace attention_cuda;
+
+template <class Gemm>
+void run_forward(AttentionParams p, int64_t block_max_bytes, unsigned schedule) {
+  size_t smem = 0;
+  const size_t cap = block_max_bytes > 0 ? static_cast<size_t>(block_max_bytes) : kBlockMaxBytes;
+  ENTMAX_CHECK(fit_block_maxima<Gemm>(p, SIZE_MAX, smem, cap), "emulation: no block-maxima layout");
+  for (int64_t block = 0; block < p.B * p.Hq * p.nQ; ++block)
+    emulation::run_cta(kThreads, smem, static_cast<unsigned>(block), [&] { forward_tile<Gemm>(p); }, schedule);
+}
+
+template <class Gemm>
+void run_backward(AttentionParams p, unsigned schedule) {
+  set_chunks<Gemm>(p);
+  const size_t rows_smem = RowsSmem<Gemm>(p.D, p.Dv).total, keys_smem = KeysSmem<Gemm>(p.D, p.Dv).total;
+  for (int64_t block = 0; block < p.B * p.Hq * p.nQ; ++block)
+    emulation::run_cta(kThreads, rows_smem, static_cast<unsigned>(block), [&] { backward_rows_tile<Gemm>(p); },
+                       schedule);
+  const int64_t key_blocks = (p.chunks_v + p.chunks_k) * p.B * p.Hkv * p.nK;
+  for (int64_t block = 0; block < key_blocks; ++block)
+    emulation::run_cta(kThreads, keys_smem, static_cast<unsigned>(block), [&] { backward_keys_tile<Gemm>(p); },
+                       schedule);
+}
+
+// Step<Gemm>(p) for the dtype of `dtype` and the policy number.
+template <template <class> class Step, typename... Args>
+void dispatch(ScalarType dtype, int64_t policy, const AttentionParams& p, Args... args) {
+  ENTMAX_CHECK(policy >= -1 && policy <= 3,
+               "emulation: policy must be -1 (auto), 0 (SIMT), 1 (TC, 64), 2 (TC, 128) or 3 (TC, 64, sm_75)");
+  ENTMAX_CHECK(policy != 3 || dtype == ScalarType::Half, "emulation: Turing's tensor cores take float16 only");
+  emulation::turing_mma() = policy == 3;
+  if (policy == 3) policy = 1;
+  if (policy == -1) {
+    const bool half = dtype == ScalarType::Half || dtype == ScalarType::BFloat16;
+    policy = !half ? 0 : (tensor_core_chunk(p) == 64 ? 1 : 2);
+  }
+  const bool tc = policy > 0;
+  switch (dtype) {
+    case ScalarType::Float:
+      ENTMAX_CHECK(!tc, "emulation: tensor cores take float16 or bfloat16");
+      return Step<SimtGemm<float>>::run(p, args...);
+    case ScalarType::Double:
+      ENTMAX_CHECK(!tc, "emulation: tensor cores take float16 or bfloat16");
+      return Step<SimtGemm<double>>::run(p, args...);
+    case ScalarType::Half:
+      if (!tc) return Step<SimtGemm<__half>>::run(p, args...);
+      if (policy == 1) return Step<TcGemm<__half, 64>>::run(p, args...);
+      return Step<TcGemm<__half, 128>>::run(p, args...);
+    case ScalarType::BFloat16:
+      if (!tc) return Step<SimtGemm<__nv_bfloat16>>::run(p, args...);
+      if (policy == 1) return Step<TcGemm<__nv_bfloat16, 64>>::run(p, args...);
+      return Step<TcGemm<__nv_bfloat16, 128>>::run(p, args...);
+    default:
+      ENTMAX_CHECK(false, "emulation: unsupported dtype");
+  }
+}
+
+template <class Gemm>
+struct Forward {
+  static void run(const AttentionParams& p, int64_t block_max_bytes, unsigned schedule) {
+    run_forward<Gemm>(p, block_max_bytes, schedule);
+  }
+};
+template <class Gemm>
+struct Backward {
+  static void run(const AttentionParams& p, unsigned schedule) { run_backward<Gemm>(p, schedule); }
+};
+
+std::tuple<Tensor, Tensor, Tensor> emulated_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& alpha, std::optional<Tensor> mask, int64_t causal,
+                                                    double scale, int64_t policy, int64_t block_max_bytes,
+                                                    int64_t schedule) {
+  ENTMAX_CHECK(q.is_cpu(), "emulation: CPU tensors");
+  const ForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale);
+  if (!call.empty)
+    dispatch<Forward>(q.scalar_type(), policy, call.p, block_max_bytes, static_cast<unsigned>(schedule));
+  return std::make_tuple(call.out, call.stats, call.block_map);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> emulated_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                             const Tensor& v, const Tensor& alpha,
+                                                             std::optional<Tensor> mask, int64_t causal, double scale,
+                                                             const Tensor& stats, const Tensor& block_map,
+                                                             bool alpha_grad, int64_t policy, int64_t schedule) {
+  ENTMAX_CHECK(q.is_cpu(), "emulation: CPU tensors");
+  const BackwardCall call =
+      prepare_backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad);
+  if (!call.empty) dispatch<Backward>(q.scalar_type(), policy, call.p, static_cast<unsigned>(schedule));
+  return std::make_tuple(call.dq, call.dk, call.dv, call.dalpha);
+}
+
+}  // namespace
+}  // namespace entmax_cuda
+
+STABLE_TORCH_LIBRARY(entmax_cuda_emulation, m) {
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor? mask, int causal, float scale, "
+        "int policy, int block_max_bytes, int schedule) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor? mask, int causal, "
+        "float scale, Tensor stats, Tensor block_map, bool alpha_grad, int policy, int schedule) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(entmax_cuda_emulation, CPU, m) {
+  m.impl("attention_forward", TORCH_BOX(&entmax_cuda::emulated_forward));
+  m.impl("attention_backward", TORCH_BOX(&entmax_cuda::emulated_backward));
+}
