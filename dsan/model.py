@@ -41,14 +41,23 @@ def _entmax_reference():
     return entmax_bisect_reference
 
 
-def _fused_entmax(name: str):
+def _entmax_cuda(name: str):
     try:
         import entmax_cuda
     except ImportError as e:
         raise AttentionUnavailable(
             f"--attention {name} needs the compiled entmax_cuda kernels, which cannot be imported ({e}); "
             f"build them ({EXTRA_HINT}) or choose --attention entmax-reference (pure PyTorch, slower)") from None
-    return entmax_cuda.entmax
+    return entmax_cuda
+
+
+def fused_self_attention(name: str):
+    """The fused scaled-dot-product entmax for the normalisers computed by entmax_cuda
+    (adaptive-entmax, entmax:A), else None (softmax, the reference and the entmax library
+    keep the materialised scores)."""
+    if name != "adaptive-entmax" and not name.startswith("entmax:"):
+        return None
+    return _entmax_cuda(name).scaled_dot_product_entmax
 
 
 def attention_normaliser(name: str):
@@ -61,7 +70,7 @@ def attention_normaliser(name: str):
     if name == "softmax":
         return (lambda scores, alpha, dim: torch.softmax(scores, dim=dim)), False
     if name == "adaptive-entmax":
-        fused = _fused_entmax(name)
+        fused = _entmax_cuda(name).entmax
         return (lambda scores, alpha, dim: fused(scores, alpha, dim=dim)), True
     if name == "entmax-reference":
         reference = _entmax_reference()
@@ -73,7 +82,7 @@ def attention_normaliser(name: str):
             raise AttentionUnavailable(
                 f"--attention entmax-bisect-lib needs the `entmax` package ({e}): pip install entmax") from None
         return (lambda scores, alpha, dim: entmax_bisect(scores, alpha, dim=dim, n_iter=REFERENCE_BISECTION_STEPS)), True
-    fused, alpha_value = _fused_entmax(name), fixed_alpha(name)
+    fused, alpha_value = _entmax_cuda(name).entmax, fixed_alpha(name)
     return (lambda scores, alpha, dim: fused(scores, alpha_value, dim=dim)), False
 
 
@@ -133,6 +142,7 @@ class DSAN(nn.Module):
     def set_attention(self, name: str) -> None:
         """Swap the normaliser of both attentions (same weights), e.g. for heat maps."""
         self.normalise, self.uses_learned_alpha = attention_normaliser(name)
+        self.fused_attention = fused_self_attention(name)
         self.attention = name
 
     @torch.no_grad()
@@ -155,11 +165,20 @@ class DSAN(nn.Module):
         rows = table(ids)
         return rows if self.training else _capped(rows)
 
-    def self_attention(self, H: torch.Tensor, is_key: torch.Tensor, alpha_self: torch.Tensor):
-        """Step (3)'s attention, kept in one method so that a fused scaled-dot-product entmax can
-        replace it: Q = Dropout(ReLU(W_q H + b_q)); keys and values are H itself; padded keys are
-        masked; one alpha_1 per session (B, 1). Returns (A (B, L + 1, d), weights (B, L + 1, L + 1))."""
+    def self_attention(self, H: torch.Tensor, is_key: torch.Tensor, alpha_self: torch.Tensor,
+                       with_weights: bool = False):
+        """Step (3)'s attention: Q = Dropout(ReLU(W_q H + b_q)); keys and values are H itself;
+        padded keys are masked; one alpha_1 per session (B, 1). Returns (A (B, L + 1, d), weights
+        (B, L + 1, L + 1), or None when the fused kernel computed A without them).
+
+        The entmax_cuda normalisers run as one fused scaled-dot-product entmax (no L x L matrix);
+        with_weights (heat maps) and the other normalisers materialise the scores."""
         Q = self.dropout(torch.relu(self.query(H)))
+        if self.fused_attention is not None and not with_weights:
+            alpha = alpha_self[:, :, None, None] if self.uses_learned_alpha else fixed_alpha(self.attention)
+            A = self.fused_attention(Q[:, None], H[:, None], H[:, None], alpha=alpha,
+                                     attn_mask=is_key[:, None, None, :], scale=1.0 / math.sqrt(self.d))
+            return A[:, 0], None
         scores = Q @ H.transpose(1, 2) / math.sqrt(self.d)
         scores = scores.masked_fill(~is_key[:, None, :], float("-inf"))
         weights = self.normalise(scores, alpha_self[:, :, None], -1)
@@ -186,7 +205,7 @@ class DSAN(nn.Module):
         alpha_self = 1 + torch.sigmoid(self.alpha_layer(h_target))  # (B, 1)
 
         # (3) A = alpha_1-entmax(Q H^T / sqrt(d)) H, then the feed-forward block:
-        A, self_weights = self.self_attention(H, is_key, alpha_self)
+        A, self_weights = self.self_attention(H, is_key, alpha_self, with_weights=with_attention)
         # O = LayerNorm(A + Dropout(W_2 ReLU(W_1 A)))
         O = self.layer_norm(A + self.dropout(self.feed_forward_out(torch.relu(self.feed_forward_in(A)))))
         x_hat, m_s = O[:, :L], O[:, L]

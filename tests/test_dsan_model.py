@@ -195,3 +195,60 @@ def test_fixed_alpha_entmax_ignores_the_learned_alpha():
     scores = torch.tensor([[3.0, 1.0, -1.0]])
     weights = normalise(scores, torch.tensor([[1.0001]]), -1)  # sparsemax regardless of the alpha passed
     torch.testing.assert_close(weights, torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-5, rtol=0)
+
+
+def _random_batch(seed=1, batch=6, width=9):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (batch,), generator=g)
+    lengths[0] = width
+    items = torch.randint(1, N_ITEMS + 1, (batch, width), generator=g)
+    items = torch.where(torch.arange(width)[None, :] < lengths[:, None], items, 0)
+    return items, lengths
+
+
+@needs_fused
+@pytest.mark.parametrize("attention", ["adaptive-entmax", "entmax:1.5"])
+def test_fused_self_attention_equals_the_materialised_scores(attention):
+    """The entmax_cuda normalisers run step (3) as one fused scaled-dot-product entmax; the
+    scores, the loss and every parameter's gradient (the alpha layer's too) equal those of the
+    materialised path (with_attention=True) within float32 rounding."""
+    items, lengths = _random_batch()
+    targets = torch.randint(1, N_ITEMS + 1, (items.shape[0],), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for materialised in (False, True):
+        model = make_model(attention)
+        calls = []
+        fused = model.fused_attention
+        model.fused_attention = lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs)
+        out = model(items, lengths, with_attention=materialised)
+        scores = out[0] if materialised else out
+        model.loss(scores, targets).backward()
+        assert bool(calls) != materialised  # the fused kernel ran exactly when the weights were not asked for
+        results[materialised] = (scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None})
+    (fused_scores, fused_grads), (dense_scores, dense_grads) = results[False], results[True]
+    torch.testing.assert_close(fused_scores, dense_scores, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == dense_grads.keys()
+    if attention == "adaptive-entmax":
+        assert "alpha_layer.weight" in fused_grads
+    for name in dense_grads:
+        torch.testing.assert_close(fused_grads[name], dense_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_fused
+def test_fused_self_attention_returns_no_weights_and_the_materialised_path_does():
+    model = make_model("adaptive-entmax")
+    H = torch.randn(2, 5, model.d)
+    is_key = torch.tensor([[True, True, True, False, True], [True] * 5])
+    alpha = torch.tensor([[1.4], [1.8]])
+    with torch.no_grad():
+        A_fused, none = model.self_attention(H, is_key, alpha)
+        A_dense, weights = model.self_attention(H, is_key, alpha, with_weights=True)
+    assert none is None and weights.shape == (2, 5, 5)
+    assert (weights[0, :, 3] == 0).all()
+    torch.testing.assert_close(A_fused, A_dense, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_and_the_reference_keep_the_materialised_scores():
+    for attention in ("softmax", "entmax-reference"):
+        assert make_model(attention).fused_attention is None
