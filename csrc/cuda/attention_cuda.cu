@@ -147,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cuda(const Tensor& q, const
                                                           int64_t causal, double scale) {
   ENTMAX_CHECK(q.is_cuda(), "attention_forward (CUDA): tensors must be CUDA tensors");
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  const ForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale);
+  const AttentionForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale);
   if (!call.empty) {
     const Device dev = device_of(q);
     const cudaStream_t stream = stream_of(q);
@@ -165,7 +165,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cuda(const Tensor&
                                                                    const Tensor& block_map, bool alpha_grad) {
   ENTMAX_CHECK(q.is_cuda(), "attention_backward (CUDA): tensors must be CUDA tensors");
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  const BackwardCall call =
+  const AttentionBackwardCall call =
       prepare_backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad);
   if (!call.empty) {
     const Device dev = device_of(q);

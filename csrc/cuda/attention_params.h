@@ -101,18 +101,18 @@ inline AttentionParams make_params(const Shape& s, const Tensor& q, const Tensor
 }
 
 // A forward call: its outputs and the kernels' parameters (`empty`: nothing to compute).
-struct ForwardCall {
+struct AttentionForwardCall {
   Tensor out, stats, block_map;
   AttentionParams p;
   bool empty;
 };
 
-inline ForwardCall prepare_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
+inline AttentionForwardCall prepare_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
                                    const std::optional<Tensor>& mask, int64_t causal, double scale) {
   const Shape s = check_attention_args("attention_forward", q, k, v, alpha, mask, causal);
   const int64_t nQ = attention::num_tiles(s.Lq, attention::kBlockQ);
   const int64_t nK = attention::num_tiles(s.Lk, attention::kBlockK);
-  ForwardCall call{torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.Dv}),
+  AttentionForwardCall call{torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.Dv}),
                    torch::stable::new_empty(alpha, {s.B, s.Hq, attention::kNumStats, s.Lq}),
                    torch::stable::new_empty(q, {s.B, s.Hq, nQ, nK}, ScalarType::Byte), AttentionParams{},
                    s.B * s.Hq * s.Lq == 0};
@@ -124,17 +124,17 @@ inline ForwardCall prepare_forward(const Tensor& q, const Tensor& k, const Tenso
   return call;
 }
 
-struct BackwardCall {
+struct AttentionBackwardCall {
   Tensor dq, dk, dv, dalpha, q_rows;
   AttentionParams p;
   bool empty;
 };
 
-inline BackwardCall prepare_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+inline AttentionBackwardCall prepare_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& alpha, const std::optional<Tensor>& mask, int64_t causal,
                                      double scale, const Tensor& stats, const Tensor& block_map, bool alpha_grad) {
   const Shape s = check_attention_backward_args(grad_out, q, k, v, alpha, mask, causal, stats, block_map);
-  BackwardCall call;
+  AttentionBackwardCall call;
   call.empty = s.B * s.Hq * s.Lq == 0;
   if (call.empty) {  // no query: nothing reaches k, v or alpha
     call.dq = torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.D});

@@ -99,7 +99,7 @@ std::tuple<Tensor, Tensor, Tensor> emulated_forward(const Tensor& q, const Tenso
                                                     double scale, int64_t policy, int64_t block_max_bytes,
                                                     int64_t schedule) {
   ENTMAX_CHECK(q.is_cpu(), "emulation: CPU tensors");
-  const ForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale);
+  const AttentionForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale);
   if (!call.empty)
     dispatch<Forward>(q.scalar_type(), policy, call.p, block_max_bytes, static_cast<unsigned>(schedule));
   return std::make_tuple(call.out, call.stats, call.block_map);
@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> emulated_backward(const Tensor& grad_
                                                              const Tensor& stats, const Tensor& block_map,
                                                              bool alpha_grad, int64_t policy, int64_t schedule) {
   ENTMAX_CHECK(q.is_cpu(), "emulation: CPU tensors");
-  const BackwardCall call =
+  const AttentionBackwardCall call =
       prepare_backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad);
   if (!call.empty) dispatch<Backward>(q.scalar_type(), policy, call.p, static_cast<unsigned>(schedule));
   return std::make_tuple(call.dq, call.dk, call.dv, call.dalpha);
