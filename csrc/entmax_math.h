@@ -46,6 +46,7 @@ template <typename T>
 ENTMAX_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 constexpr double kLn2 = 0.69314718055994530942;
+constexpr double kLog2e = 1.44269504088896340736;
 
 // The special functions as a policy the formulas below take: LibMath calls the
 // platform's (libm on the host, CUDA's on the device); the CPU's vector loops pass
@@ -53,8 +54,8 @@ constexpr double kLn2 = 0.69314718055994530942;
 struct LibMath {
   template <typename T> ENTMAX_HD static T log(T x) { return log_(x); }
   template <typename T> ENTMAX_HD static T log1p(T x) { return log1p_(x); }
-  // log1p(a) given z = 1 + a (rounded) and inv_z = 1 / z, which a caller may have anyway.
-  template <typename T> ENTMAX_HD static T log1p(T a, T /*z*/, T /*inv_z*/) { return log1p_(a); }
+  // (1 + a)^inv_eps for -1 < a <= 0, given z = 1 + a (rounded), which a caller has anyway.
+  template <typename T> ENTMAX_HD static T pow1p(T a, T /*z*/, T inv_eps) { return exp_(log1p_(a) * inv_eps); }
   template <typename T> ENTMAX_HD static T exp(T x) { return exp_(x); }
   template <typename T> ENTMAX_HD static T expm1(T x) { return expm1_(x); }
   // e = expm1(x) and z = exp(x) = 1 + e, each without cancellation: 1 + e rounds to 0
@@ -100,6 +101,10 @@ template <> struct Tolerance<double> {
   static constexpr double bracket = 1e-15;
   static constexpr double residual = 1e-14;
 };
+
+static_assert(Tolerance<float>::halley_residual > Tolerance<float>::newton_residual &&
+                  Tolerance<double>::halley_residual > Tolerance<double>::newton_residual,
+              "RootFinder::step: Halley's steps may finish from a larger residual than Newton's");
 
 constexpr int kMaxRootIterations = 50;
 
@@ -179,7 +184,7 @@ ENTMAX_HD EntryTerms<T> entry_terms(T u, T t, T eps, T inv_eps, EntryForm form) 
     p = z; p_over_z = T(1); curvature = T(0);
   } else {
     const T inv_z = T(1) / z;
-    p = M::exp(M::log1p(a_in, z, inv_z) * inv_eps);
+    p = M::pow1p(a_in, z, inv_eps);
     p_over_z = p * inv_z;
     curvature = (T(1) - eps) * p_over_z * inv_z;
   }
@@ -199,6 +204,21 @@ ENTMAX_HD T jensen_lower_bound(T sum_u, T count, T eps) {
 template <typename T>
 ENTMAX_HD bool jensen_applies(T eps) { return eps > T(0) && eps <= T(1); }
 constexpr int kJensenRounds = 2;  // the bound from all candidates, then one recount
+
+// A start near the root for alpha near 1, from one exp pass over the candidates: S0 =
+// sum e^u, S1 = sum e^u u, S2 = sum e^u u^2. As eps -> 0, t* -> logsumexp(u) (section 2);
+// to first order in eps, t* = lse - (eps/2) sum q w^2 with q = e^(u - lse) the softmax and
+// w = u - lse (from log p = s - eps s^2/2 + O(eps^2) in s = u - t). Better than Jensen's
+// bound up to eps ~ 1/4 (kSoftmaxStartEps): there it leaves a residual of a few 1e-3 at
+// most, which one Halley step takes below 1e-3. Not a bound; the finder's bracket stays.
+template <typename T, typename M = LibMath>
+ENTMAX_HD T softmax_start(T S0, T S1, T S2, T eps) {
+  const T lse = M::log(S0);
+  const T mean = S1 / S0;
+  const T spread = max_(S2 / S0 - mean * mean, T(0)) + (mean - lse) * (mean - lse);  // sum q w^2
+  return lse - T(0.5) * eps * spread;
+}
+constexpr double kSoftmaxStartEps = 0.25;
 
 // Safeguarded Newton iteration on g(t) = log F(t), F(t) = sum_i p_i(t)
 // (section 3). Log-space Newton is exact for softmax and needs 3-8 steps
@@ -222,6 +242,8 @@ struct RootFinder {
   bool single = false;    // softmax (eps = 0): the first evaluation is the answer
   bool log_space = true;  // step() iterates on log F (else on F - 1)
   int iterations = 0;
+  bool may_extrapolate = false;  // step() may end with an extrapolation (set by the caller)
+  T extrapolation = T(0);        // the step from t to the answer (0: the evaluation at t is it)
 
   ENTMAX_HD RootFinder(T upper, T eps)
       : lo(T(0)), hi(upper), t(T(0)), last(false), trust_small_step(eps <= T(1)), single(eps == T(0)),
@@ -256,42 +278,73 @@ struct RootFinder {
   // -2 g g' / (2 g'^2 - g g''), taken only while it is at most twice Newton's in the same
   // direction (F'' is singular at the support edge for alpha > 1.5; then Newton). Ends on
   // the residual rather than the step size. Returns true (and keeps t) once the
-  // evaluation at t is final; also after kMaxRootIterations evaluations.
+  // evaluation at t is final; also after kMaxRootIterations evaluations, and at once for
+  // a finder that is done already (which it leaves as it is).
+  // With may_extrapolate (a caller that can, see extrapolation_applies), the Halley step
+  // that would be followed by one last evaluation ends the iteration instead: t stays at
+  // the evaluation and `extrapolation` holds the step, to be taken by a Taylor expansion
+  // of the evaluated entries (extrapolate_entry).
+  // Branch-free, so that the CPU runs it for 16 rows at once in SIMD lanes: selects, and
+  // bitwise & | on the conditions (short-circuits are branches; a select between two
+  // conditions did not vectorise).
   template <typename M = LibMath>
   ENTMAX_HD bool step(const RootSums<T>& s) {
-    F = s.F;
-    ++iterations;
+    const bool was_done = done;
+    F = was_done ? F : s.F;
+    iterations = was_done ? iterations : iterations + 1;
     const T residual = abs_(F - T(1));
-    if (single || last || residual <= Tolerance<T>::residual || !(F > T(0)) || !(s.dF < T(0)) ||
-        iterations >= kMaxRootIterations) {
-      return done = true;
-    }
-    if (F > T(1)) lo = t; else hi = t;
-    T g, g1, g2;
-    if (log_space) {
-      g = M::log(F);
-      g1 = s.dF / F;
-      g2 = s.d2F / F - g1 * g1;
-    } else {
-      g = F - T(1);
-      g1 = s.dF;
-      g2 = s.d2F;
-    }
+    const bool finish = was_done | single | last | (residual <= Tolerance<T>::residual) | !(F > T(0)) |
+                        !(s.dF < T(0)) | (iterations >= kMaxRootIterations);
+    // Below, finishing rows compute values that are discarded (log of F <= 0 included).
+    const bool above = F > T(1);
+    const T lo_next = above ? t : lo, hi_next = above ? hi : t;
+    const T g = log_space ? M::log(F) : F - T(1);
+    const T g1 = log_space ? s.dF / F : s.dF;
+    const T g2 = log_space ? s.d2F / F - g1 * g1 : s.d2F;
     const T halley_den = T(2) * g1 * g1 - g * g2;
     const bool halley = halley_den > g1 * g1;  // false for NaN too
-    T next = halley ? t - T(2) * g * g1 / halley_den : t - g / g1;
-    const bool inside = next > lo && next < hi;
-    if (!inside) next = (lo + hi) * T(0.5);
-    const T final_residual = halley ? Tolerance<T>::halley_residual : Tolerance<T>::newton_residual;
-    if ((inside && trust_small_step && residual <= final_residual) ||
-        (hi - lo) <= Tolerance<T>::bracket * max_(T(1), abs_(next))) {
-      last = true;
-    }
-    if (next == t) return done = true;  // no representable progress left
-    t = next;
-    return false;
+    const T move = (halley ? T(2) * g * g1 : g) / (halley ? halley_den : g1);  // no division in a select
+    const T newton_next = t - move;
+    const bool inside = (newton_next > lo_next) & (newton_next < hi_next);
+    const T next = inside ? newton_next : (lo_next + hi_next) * T(0.5);
+    // residual <= (halley ? halley_residual : newton_residual), the former being the larger
+    // (a second select on `halley` made GCC duplicate the step's code per case, unvectorisable)
+    const bool final = (residual <= Tolerance<T>::newton_residual) | (halley & (residual <= Tolerance<T>::halley_residual));
+    const bool small = inside & trust_small_step & final;
+    const bool last_next = small | ((hi_next - lo_next) <= Tolerance<T>::bracket * max_(T(1), abs_(next)));
+    const bool stuck = next == t;  // no representable progress left
+    const bool extrapolate = may_extrapolate & halley & small;
+    const bool ends = finish | stuck | extrapolate;
+    lo = finish ? lo : lo_next;
+    hi = finish ? hi : hi_next;
+    last = last | (!finish & last_next);  // (finish ? last : last_next: last is false unless finish)
+    extrapolation = (finish | stuck | !extrapolate) ? extrapolation : -move;
+    t = ends ? t : next;
+    done = ends;
+    return ends;
   }
 };
+
+// Extrapolation applies where the Taylor expansion of every entry to second order in the
+// step is accurate: p = z^(1/eps) has a bounded third derivative in t for eps <= 1/3 and
+// one that stays small over a step from residual <= halley_residual up to eps = 1/2
+// (where p = z^2 is exact); for eps > 1/2 p'' is singular at the support edge.
+template <typename T>
+ENTMAX_HD bool extrapolation_applies(T eps) { return eps > T(0) && eps <= T(0.5); }
+
+// An entry of the last evaluation (p, p/z, (1 - eps) p/z^2, i.e. p, -p', p'') moved by the
+// step dt of the threshold: p(t + dt) = p - (p/z) dt + (1 - eps) (p/z^2) dt^2 / 2 + O(dt^3).
+// dt = 0 gives p itself.
+template <typename T>
+ENTMAX_HD T extrapolate_entry(T p, T p_over_z, T curvature, T dt) {
+  return p + dt * (T(0.5) * curvature * dt - p_over_z);
+}
+
+// The row sum after the same step, from the sums of the last evaluation.
+template <typename T>
+ENTMAX_HD T extrapolate_sum(T F, T dF, T d2F, T dt) {
+  return F + dt * (T(0.5) * d2F * dt + dF);
+}
 
 // The root-finding loop, the one copy every kernel runs (CPU rows, a batch of rows in
 // SIMD lanes, a CUDA warp group, a block, a cluster of blocks):

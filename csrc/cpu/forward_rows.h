@@ -11,6 +11,7 @@
 
 #include "../entmax_math.h"
 #include "cpu_common.h"
+#include "lane_tables.h"
 #include "vector_math.h"
 
 #include <type_traits>
@@ -244,8 +245,6 @@ void forward_row_dispatch(const scalar_t* x, scalar_t* y, int64_t n, int64_t str
 
 // ------------------------------------------------------------------ a batch of short rows
 
-constexpr int kBatchLanes = 16;         // rows per batch: one AVX-512 vector of floats
-constexpr int64_t kBatchMaxN = 512;     // longer rows fill vectors on their own
 // A lockstep pass costs its longest column for every lane, so a batch of rows with mixed
 // alphas pays for its densest row: rows with more candidates than this go alone (they fill
 // vectors on their own), rows of up to 128 (DSAN's 70, all dense at alpha 1.1) stay batched.
@@ -262,33 +261,257 @@ inline BatchForm batch_form(EntryForm first, bool uniform) {
                                        : BatchForm::kGeneral;
 }
 
-// Per-lane parameters and results of one batch (arrays over lanes).
-struct BatchLanes {
-  int lanes = 0;
+// The root finders of a batch, one per lane, as arrays of RootFinder's fields, so that the
+// lanes' steps (RootFinder::step, branch-free) run as one vector loop. Flags as int: the
+// vectoriser did not combine conditions loaded as bytes with those of float compares.
+struct FinderLanes {
+  float lo[kBatchLanes], hi[kBatchLanes], t[kBatchLanes], F[kBatchLanes], extrapolation[kBatchLanes];
+  int iterations[kBatchLanes], last[kBatchLanes], trust_small_step[kBatchLanes], done[kBatchLanes],
+      single[kBatchLanes], log_space[kBatchLanes], may_extrapolate[kBatchLanes];
+
+  void set(int l, const RootFinder<float>& f) {
+    lo[l] = f.lo; hi[l] = f.hi; t[l] = f.t; F[l] = f.F; extrapolation[l] = f.extrapolation;
+    iterations[l] = f.iterations; last[l] = f.last ? 1 : 0; trust_small_step[l] = f.trust_small_step ? 1 : 0;
+    done[l] = f.done ? 1 : 0; single[l] = f.single ? 1 : 0; log_space[l] = f.log_space ? 1 : 0;
+    may_extrapolate[l] = f.may_extrapolate ? 1 : 0;
+  }
+  RootFinder<float> get(int l) const {
+    RootFinder<float> f;
+    f.lo = lo[l]; f.hi = hi[l]; f.t = t[l]; f.F = F[l]; f.extrapolation = extrapolation[l];
+    f.iterations = iterations[l]; f.last = last[l] != 0; f.trust_small_step = trust_small_step[l] != 0;
+    f.done = done[l] != 0; f.single = single[l] != 0; f.log_space = log_space[l] != 0;
+    f.may_extrapolate = may_extrapolate[l] != 0;
+    return f;
+  }
+  // Steps every lane with its sums (finished lanes stay as they are); returns whether
+  // every lane is finished.
+  bool step(const RootSums<float>* sums) {
+    int all_done = 1;
+    // No `omp simd`: it keeps the RootFinder copies as aggregates, which do not vectorise.
+    for (int l = 0; l < kBatchLanes; ++l) {
+      RootFinder<float> f = get(l);
+      f.step<VectorMath>(sums[l]);
+      set(l, f);
+      all_done &= f.done ? 1 : 0;
+    }
+    return all_done != 0;
+  }
+};
+
+// Per-lane parameters of a batch's root finding.
+struct BatchSolve {
   bool solve[kBatchLanes];    // a row to solve (the others were written directly)
-  float m[kBatchLanes];       // row max
   float eps[kBatchLanes], inv_eps[kBatchLanes];
   EntryForm form[kBatchLanes];
   int64_t count[kBatchLanes];  // candidates
-  int64_t base[kBatchLanes];   // offset of the row in x and y
-  double F[kBatchLanes];       // sum p at the final threshold
 };
 
-// The [candidate][lane] tables of one thread's batches.
+// The lanes' entries u[j][l] (j < rows) at their thresholds t[l]: p, p/z and (1 - eps)
+// p/z^2 into their tables, and F, -F', F'' per lane.
+template <BatchForm kForm>
+inline void evaluate_batch_f32(const float* u, int64_t rows, const BatchSolve& b, const float* t, float* p,
+                               float* p_over_z, float* curvature, RootSums<float>* sums) {
+  float f_p[kBatchLanes] = {}, f_p_over_z[kBatchLanes] = {}, f_curvature[kBatchLanes] = {};
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t at = j * kBatchLanes;
+#pragma omp simd
+    for (int l = 0; l < kBatchLanes; ++l) {
+      const EntryForm form = kForm == BatchForm::kSquare   ? EntryForm::kSquare
+                             : kForm == BatchForm::kLinear ? EntryForm::kLinear
+                             : kForm == BatchForm::kGeneral ? EntryForm::kGeneral
+                                                            : b.form[l];
+      const EntryTerms<float> e = entry_terms<float, VectorMath>(u[at + l], t[l], b.eps[l], b.inv_eps[l], form);
+      p[at + l] = e.p;
+      p_over_z[at + l] = e.p_over_z;
+      curvature[at + l] = e.curvature;
+      f_p[l] += e.p;
+      f_p_over_z[l] += e.p_over_z;
+      f_curvature[l] += e.curvature;
+    }
+  }
+  for (int l = 0; l < kBatchLanes; ++l) sums[l] = {f_p[l], -f_p_over_z[l], f_curvature[l]};
+}
+
+// The tables of a thread's batches, [j * kBatchLanes + lane].
 struct ForwardBatch {
-  std::vector<float> row;      // the row being loaded, in float, then its u
-  std::vector<float> u, p;     // [j * kBatchLanes + lane]
-  std::vector<int32_t> index;  // [lane * stride + j]: the candidates' positions in their rows
-  int64_t index_stride = 0;
+  LaneTables lanes;
+  std::vector<float> rows;                      // rows that are not contiguous floats, converted
+  std::vector<float> u, p, p_over_z, curvature;  // candidates, and their terms at the threshold
   void reserve(int64_t n) {
-    if (static_cast<int64_t>(row.size()) >= padded(n)) return;
-    row.resize(padded(n));
-    u.resize(padded(n) * kBatchLanes);
-    p.resize(padded(n) * kBatchLanes);
-    index_stride = padded(n);
-    index.resize(padded(n) * kBatchLanes);
+    lanes.reserve(n);
+    const int64_t size = round_up_chunk(std::min(n, kBatchMaxCandidates)) * kBatchLanes;
+    if (static_cast<int64_t>(u.size()) >= size && static_cast<int64_t>(rows.size()) >= n * kBatchLanes) return;
+    rows.resize(n * kBatchLanes);
+    u.resize(size);
+    p.resize(size);
+    p_over_z.resize(size);
+    curvature.resize(size);
   }
 };
+
+// Each lane's start: near alpha 1 (eps <= kSoftmaxStartEps) the softmax start, from one exp
+// pass; elsewhere Jensen's bound (two passes of sums). Each pass runs only where a lane of
+// the batch needs it; a lane's start depends on its own column alone.
+inline void batch_starts(const float* u, int64_t rows, const BatchSolve& b, float* start) {
+  float count[kBatchLanes];
+  int softmax[kBatchLanes];
+  bool any_softmax = false, any_jensen = false;
+  for (int l = 0; l < kBatchLanes; ++l) {
+    count[l] = static_cast<float>(b.count[l]);
+    softmax[l] = b.eps[l] <= static_cast<float>(kSoftmaxStartEps);
+    any_softmax |= b.solve[l] && softmax[l];
+    any_jensen |= b.solve[l] && !softmax[l] && jensen_applies(b.eps[l]);
+    start[l] = 0;
+  }
+  if (any_jensen) {
+    float sum_u[kBatchLanes] = {}, jensen[kBatchLanes];
+    for (int64_t j = 0; j < rows; ++j) {
+#pragma omp simd
+      for (int l = 0; l < kBatchLanes; ++l) {
+        const float v = u[j * kBatchLanes + l];
+        sum_u[l] += v > neg_inf<float>() ? v : 0.0f;
+      }
+    }
+#pragma omp simd
+    for (int l = 0; l < kBatchLanes; ++l) jensen[l] = jensen_lower_bound<float, VectorMath>(sum_u[l], count[l], b.eps[l]);
+    for (int round = 1; round < kJensenRounds; ++round) {
+      float cut[kBatchLanes], recount[kBatchLanes] = {};
+      for (int l = 0; l < kBatchLanes; ++l) {
+        cut[l] = jensen[l] - b.inv_eps[l];
+        sum_u[l] = 0;
+      }
+      for (int64_t j = 0; j < rows; ++j) {
+#pragma omp simd
+        for (int l = 0; l < kBatchLanes; ++l) {
+          const float v = u[j * kBatchLanes + l];
+          const float in_sum = v > cut[l] ? v : 0.0f;  // (a bool kept for both selects became a branch)
+          const float in_count = v > cut[l] ? 1.0f : 0.0f;
+          sum_u[l] = sum_u[l] + in_sum;
+          recount[l] = recount[l] + in_count;
+        }
+      }
+#pragma omp simd
+      for (int l = 0; l < kBatchLanes; ++l) {
+        jensen[l] = max_(jensen[l], jensen_lower_bound<float, VectorMath>(sum_u[l], recount[l], b.eps[l]));
+      }
+    }
+    for (int l = 0; l < kBatchLanes; ++l) start[l] = !softmax[l] && jensen_applies(b.eps[l]) ? jensen[l] : start[l];
+  }
+  if (any_softmax) {
+    float s0[kBatchLanes] = {}, s1[kBatchLanes] = {}, s2[kBatchLanes] = {};
+    for (int64_t j = 0; j < rows; ++j) {
+#pragma omp simd
+      for (int l = 0; l < kBatchLanes; ++l) {
+        const float v = u[j * kBatchLanes + l];
+        const float w = v > neg_inf<float>() ? v : 0.0f;
+        const float e = v > neg_inf<float>() ? vmath::exp2_f32(w * static_cast<float>(kLog2e)) : 0.0f;
+        s0[l] += e;
+        s1[l] += e * w;
+        s2[l] += e * w * w;
+      }
+    }
+    for (int l = 0; l < kBatchLanes; ++l) {
+      const bool use = softmax[l] && s0[l] > 0.0f;
+      start[l] = use ? softmax_start<float, VectorMath>(s0[l], s1[l], s2[l], b.eps[l]) : start[l];
+    }
+  }
+}
+
+// A lockstep pass: the lanes' thresholds from their candidates u (columns padded with
+// -inf), then their outputs, p at the threshold / sum p, into u in place. Each lane takes
+// the steps it would take alone: its result does not depend on the rows beside it.
+template <BatchForm kForm>
+inline void solve_batch_f32_in_form(float* u, const BatchSolve& b, ForwardBatch& fb) {
+  float start[kBatchLanes], upper[kBatchLanes];
+  int64_t rows = 0;
+  for (int l = 0; l < kBatchLanes; ++l) rows = std::max(rows, b.count[l]);
+  batch_starts(u, rows, b, start);
+#pragma omp simd
+  for (int l = 0; l < kBatchLanes; ++l) upper[l] = threshold_upper_bound<float, VectorMath>(b.eps[l], static_cast<float>(b.count[l]));
+
+  FinderLanes finders;
+  for (int l = 0; l < kBatchLanes; ++l) {
+    RootFinder<float> f;  // default: finished (idle lanes)
+    if (b.solve[l]) {
+      f = RootFinder<float>(upper[l], b.eps[l], start[l]);
+      f.may_extrapolate = extrapolation_applies(b.eps[l]);
+    }
+    finders.set(l, f);
+  }
+  // The lanes' last evaluation: F (double for the normalisation), F', F''.
+  double F[kBatchLanes];
+  float dF[kBatchLanes], d2F[kBatchLanes];
+  for (int l = 0; l < kBatchLanes; ++l) {
+    F[l] = 1;
+    dF[l] = d2F[l] = 0;
+  }
+  float* p = fb.p.data();
+  float* p_over_z = fb.p_over_z.data();
+  float* curvature = fb.curvature.data();
+  int64_t active_rows = rows;
+  while (true) {
+    // Finished lanes keep their t: re-evaluating them gives the same terms, and entries past
+    // the longest unfinished column keep those of the finished lanes' last evaluation.
+    RootSums<float> sums[kBatchLanes];
+    evaluate_batch_f32<kForm>(u, active_rows, b, finders.t, p, p_over_z, curvature, sums);
+    for (int l = 0; l < kBatchLanes; ++l) {
+      if (finders.done[l]) continue;
+      F[l] = sums[l].F;
+      dF[l] = sums[l].dF;
+      d2F[l] = sums[l].d2F;
+    }
+    if (finders.step(sums)) break;
+    active_rows = 0;
+    for (int l = 0; l < kBatchLanes; ++l) {
+      if (!finders.done[l]) active_rows = std::max(active_rows, b.count[l]);
+    }
+  }
+  // Each lane's answer: its last evaluation, or the Taylor expansion of it by the final step.
+  float dt[kBatchLanes], inv_F[kBatchLanes];
+  for (int l = 0; l < kBatchLanes; ++l) {
+    dt[l] = finders.extrapolation[l];
+    inv_F[l] = static_cast<float>(1.0 / extrapolate_sum<double>(F[l], dF[l], d2F[l], dt[l]));
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t at = j * kBatchLanes;
+#pragma omp simd
+    for (int l = 0; l < kBatchLanes; ++l) {
+      const float q = extrapolate_entry(p[at + l], p_over_z[at + l], curvature[at + l], dt[l]);
+      u[at + l] = max_(q, 0.0f) * inv_F[l];  // (q >= 0 for eps <= 1/2 in exact arithmetic)
+    }
+  }
+}
+
+// The batch's root finding in the lanes b.solve, in place: u (their candidates, columns
+// padded with -inf) becomes the output at those positions. Idle lanes get harmless
+// parameters.
+ENTMAX_CPU_CLONES
+void solve_batch_f32(float* u, BatchSolve& b, ForwardBatch& fb) {
+  int first = -1;
+  for (int l = 0; l < kBatchLanes; ++l) {
+    if (b.solve[l]) {
+      first = l;
+      break;
+    }
+  }
+  if (first < 0) return;
+  bool uniform = true;
+  for (int l = 0; l < kBatchLanes; ++l) {
+    if (!b.solve[l]) {
+      b.count[l] = 0;
+      b.eps[l] = b.eps[first];
+      b.inv_eps[l] = b.inv_eps[first];
+      b.form[l] = b.form[first];
+    }
+    uniform = uniform && b.form[l] == b.form[first];
+  }
+  switch (batch_form(b.form[first], uniform)) {
+    case BatchForm::kSquare: return solve_batch_f32_in_form<BatchForm::kSquare>(u, b, fb);
+    case BatchForm::kLinear: return solve_batch_f32_in_form<BatchForm::kLinear>(u, b, fb);
+    case BatchForm::kGeneral: return solve_batch_f32_in_form<BatchForm::kGeneral>(u, b, fb);
+    default: return solve_batch_f32_in_form<BatchForm::kMixed>(u, b, fb);
+  }
+}
 
 // Row x[k * stride] as contiguous floats: x itself when it is one, else converted into buffer.
 template <typename scalar_t>
@@ -300,204 +523,67 @@ const float* contiguous_float_row(const scalar_t* x, int64_t n, int64_t stride, 
   return buffer;
 }
 
-// Loads lane `lane`'s row (already in float, row[0, n)): its max, whether it holds NaN or
-// +inf, and its candidates: their positions (in row order) into index[0, count), their u
-// into column `lane` of the table (`shifted`: room for the row's u, may be `row` itself).
-struct LaneLoad {
-  float m;
-  bool bad;
-  int64_t count;
-};
-
-ENTMAX_CPU_CLONES
-LaneLoad load_lane_f32(const float* row, int64_t n, float eps, int lane, float* u, int32_t* index, float* shifted) {
-  float m = neg_inf<float>();
-  int bad = 0;
-#pragma omp simd reduction(max : m) reduction(| : bad)
-  for (int64_t k = 0; k < n; ++k) {
-    const float v = row[k];
-    bad |= (v != v) | (v == -neg_inf<float>());
-    m = v > m ? v : m;
+// Row y[k * stride] as contiguous floats to write into: y itself when it is one, else nullptr.
+template <typename scalar_t>
+float* contiguous_float_out(scalar_t* y, int64_t stride) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (stride == 1) return y;
   }
-  LaneLoad out{m, bad != 0, 0};
-  if (out.bad || m == neg_inf<float>()) return out;
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) shifted[k] = row[k] - m;  // u first: m - 1/eps may round to m itself
-  const int64_t c = positions_above(shifted, n, -1.0f / eps, index);
-  for (int64_t j = 0; j < c; ++j) u[j * kBatchLanes + lane] = shifted[index[j]];
-  out.count = c;
-  return out;
-}
-
-// The lanes' entries at their thresholds t[lane]: p, and F, -F', F'' per lane (float
-// partial sums over chunks of kSumChunk candidates, flushed into double).
-template <BatchForm kForm>
-inline void evaluate_batch_f32(const float* u, float* p, int64_t rows, const BatchLanes& b, const float* t,
-                               double* F, double* minus_dF, double* d2F) {
-  for (int l = 0; l < kBatchLanes; ++l) F[l] = minus_dF[l] = d2F[l] = 0;
-  for (int64_t j0 = 0; j0 < rows; j0 += kSumChunk) {
-    const int64_t j1 = std::min(rows, j0 + kSumChunk);
-    float f_p[kBatchLanes] = {}, f_p_over_z[kBatchLanes] = {}, f_curvature[kBatchLanes] = {};
-    for (int64_t j = j0; j < j1; ++j) {
-      const float* uj = u + j * kBatchLanes;
-      float* pj = p + j * kBatchLanes;
-#pragma omp simd
-      for (int l = 0; l < kBatchLanes; ++l) {
-        const EntryForm form = kForm == BatchForm::kSquare   ? EntryForm::kSquare
-                               : kForm == BatchForm::kLinear ? EntryForm::kLinear
-                               : kForm == BatchForm::kGeneral ? EntryForm::kGeneral
-                                                              : b.form[l];
-        const EntryTerms<float> e = entry_terms<float, VectorMath>(uj[l], t[l], b.eps[l], b.inv_eps[l], form);
-        pj[l] = e.p;
-        f_p[l] += e.p;
-        f_p_over_z[l] += e.p_over_z;
-        f_curvature[l] += e.curvature;
-      }
-    }
-    for (int l = 0; l < kBatchLanes; ++l) {
-      F[l] += f_p[l];
-      minus_dF[l] += f_p_over_z[l];
-      d2F[l] += f_curvature[l];
-    }
-  }
-}
-
-template <BatchForm kForm>
-inline void solve_batch_f32_in_form(const float* u, float* p, int64_t rows, BatchLanes& b, RootFinder<float> (&rf)[kBatchLanes]) {
-  find_thresholds<float, kBatchLanes, VectorMath>(rf, [&](RootFinder<float> (&r)[kBatchLanes], RootSums<float> (&sums)[kBatchLanes]) {
-    float t[kBatchLanes];
-    double F[kBatchLanes], minus_dF[kBatchLanes], d2F[kBatchLanes];
-    for (int l = 0; l < kBatchLanes; ++l) t[l] = r[l].t;
-    evaluate_batch_f32<kForm>(u, p, rows, b, t, F, minus_dF, d2F);
-    for (int l = 0; l < kBatchLanes; ++l) {
-      b.F[l] = F[l];
-      sums[l] = {static_cast<float>(F[l]), static_cast<float>(-minus_dF[l]), static_cast<float>(d2F[l])};
-    }
-  }, EachRowAlone());
-}
-
-// Pads the columns of the lanes to solve (b.solve) to the longest of them, finds their
-// thresholds in lockstep, and leaves p (at each lane's final threshold) in the table and F
-// in b.F. The other lanes' columns are not touched (b is this pass's copy).
-ENTMAX_CPU_CLONES
-void solve_batch_f32(float* u, float* p, BatchLanes& b) {
-  int64_t rows = 0;
-  int first = -1;
-  for (int l = 0; l < kBatchLanes; ++l) {
-    if (!b.solve[l]) continue;
-    rows = std::max(rows, b.count[l]);
-    if (first < 0) first = l;
-  }
-  if (first < 0) return;
-  bool uniform = true;
-  for (int l = 0; l < kBatchLanes; ++l) {
-    if (!b.solve[l]) {  // an idle lane: harmless parameters; its column is left alone
-      b.count[l] = 0;
-      b.eps[l] = b.eps[first];
-      b.inv_eps[l] = b.inv_eps[first];
-      b.form[l] = b.form[first];
-      continue;
-    }
-    uniform = uniform && b.form[l] == b.form[first];
-    for (int64_t j = b.count[l]; j < rows; ++j) u[j * kBatchLanes + l] = neg_inf<float>();
-  }
-  // Each lane's bracket and Jensen's start (jensen_start's rounds, vertical over the lanes).
-  float count[kBatchLanes], start[kBatchLanes], upper[kBatchLanes], sum_u[kBatchLanes] = {};
-  int32_t recount[kBatchLanes] = {};
-  for (int l = 0; l < kBatchLanes; ++l) count[l] = static_cast<float>(b.count[l]);
-  for (int64_t j = 0; j < rows; ++j) {
-#pragma omp simd
-    for (int l = 0; l < kBatchLanes; ++l) {
-      const float v = u[j * kBatchLanes + l];
-      sum_u[l] += v > neg_inf<float>() ? v : 0.0f;
-    }
-  }
-#pragma omp simd
-  for (int l = 0; l < kBatchLanes; ++l) {
-    upper[l] = threshold_upper_bound<float, VectorMath>(b.eps[l], count[l]);
-    start[l] = jensen_applies(b.eps[l]) ? jensen_lower_bound<float, VectorMath>(sum_u[l], count[l], b.eps[l]) : 0.0f;
-  }
-  for (int round = 1; round < kJensenRounds; ++round) {
-    float cut[kBatchLanes];
-    for (int l = 0; l < kBatchLanes; ++l) {
-      cut[l] = start[l] - b.inv_eps[l];
-      sum_u[l] = 0;
-      recount[l] = 0;
-    }
-    for (int64_t j = 0; j < rows; ++j) {
-#pragma omp simd
-      for (int l = 0; l < kBatchLanes; ++l) {
-        const float v = u[j * kBatchLanes + l];
-        const bool in = v > cut[l];
-        sum_u[l] += in ? v : 0.0f;
-        recount[l] += in;
-      }
-    }
-#pragma omp simd
-    for (int l = 0; l < kBatchLanes; ++l) {
-      const float raised = jensen_lower_bound<float, VectorMath>(sum_u[l], static_cast<float>(recount[l]), b.eps[l]);
-      start[l] = jensen_applies(b.eps[l]) ? max_(start[l], raised) : 0.0f;
-    }
-  }
-  RootFinder<float> rf[kBatchLanes];  // default: finished (idle lanes)
-  for (int l = 0; l < kBatchLanes; ++l) {
-    if (b.solve[l]) rf[l] = RootFinder<float>(upper[l], b.eps[l], start[l]);
-  }
-  switch (batch_form(b.form[first], uniform)) {
-    case BatchForm::kSquare: return solve_batch_f32_in_form<BatchForm::kSquare>(u, p, rows, b, rf);
-    case BatchForm::kLinear: return solve_batch_f32_in_form<BatchForm::kLinear>(u, p, rows, b, rf);
-    case BatchForm::kGeneral: return solve_batch_f32_in_form<BatchForm::kGeneral>(u, p, rows, b, rf);
-    default: return solve_batch_f32_in_form<BatchForm::kMixed>(u, p, rows, b, rf);
-  }
+  return nullptr;
 }
 
 // Forward of rows r0 .. r0 + lanes - 1 (each of length n, elements x[base + k * stride]),
-// float arithmetic. Rows the batch does not take (alpha = 1, alpha > 2, invalid alpha)
-// go through forward_row_dispatch; NaN and all-masked rows are written directly.
+// float arithmetic. Rows the batch does not take (alpha = 1, alpha > 2, invalid alpha, too
+// many candidates) go through forward_row_dispatch; NaN and all-masked rows are written
+// directly.
 template <typename scalar_t>
 void forward_batch(const scalar_t* x, scalar_t* y, const float* alpha, int64_t r0, int lanes, int64_t n,
                    int64_t stride, ForwardBatch& fb, ForwardScratch<scalar_t>& fallback) {
   fb.reserve(n);
-  BatchLanes b;
-  b.lanes = lanes;
-  for (int l = 0; l < kBatchLanes; ++l) b.solve[l] = false;
+  const float* rows[kBatchLanes] = {};
+  float cut[kBatchLanes];
+  int64_t base[kBatchLanes];
+  BatchSolve b;
+  for (int l = 0; l < kBatchLanes; ++l) {
+    b.solve[l] = false;
+    b.count[l] = 0;
+    cut[l] = 0;
+  }
   for (int l = 0; l < lanes; ++l) {
     const int64_t r = r0 + l;
-    const int64_t base = row_base(r, n, stride);
+    base[l] = row_base(r, n, stride);
     const float eps = alpha[r] - 1.0f;
     if (!(eps > 0.0f && eps <= 1.0f)) {
-      forward_row_dispatch<scalar_t>(x + base, y + base, n, stride, alpha[r], fallback);
+      forward_row_dispatch<scalar_t>(x + base[l], y + base[l], n, stride, alpha[r], fallback);
       continue;
     }
-    const float* row = contiguous_float_row(x + base, n, stride, fb.row.data());
-    const LaneLoad load =
-        load_lane_f32(row, n, eps, l, fb.u.data(), fb.index.data() + l * fb.index_stride, fb.row.data());
-    if (load.bad || load.m == neg_inf<float>()) {
-      fill_row(y + base, n, stride, load.bad ? quiet_nan<float>() : 0.0f);
-      continue;
-    }
-    if (load.count > kBatchMaxCandidates) {
-      forward_row_dispatch<scalar_t>(x + base, y + base, n, stride, alpha[r], fallback);
-      continue;
-    }
-    b.solve[l] = true;
-    b.m[l] = load.m;
+    rows[l] = contiguous_float_row(x + base[l], n, stride, fb.rows.data() + l * n);
+    cut[l] = -1.0f / eps;
     b.eps[l] = eps;
     b.inv_eps[l] = 1.0f / eps;
     b.form[l] = entry_form(eps);
-    b.count[l] = load.count;
-    b.base[l] = base;
   }
-  solve_batch_f32(fb.u.data(), fb.p.data(), b);
+  LaneLoad load[kBatchLanes];
+  const int64_t height = load_candidates(rows, n, cut, kBatchMaxCandidates, fb.lanes, fb.u.data(), load);
+  float* out[kBatchLanes] = {};
   for (int l = 0; l < lanes; ++l) {
-    if (!b.solve[l]) continue;
-    scalar_t* yr = y + b.base[l];
-    const float inv_F = static_cast<float>(1.0 / b.F[l]);
-    fill_row(yr, n, stride, 0.0f);
-    const int32_t* index = fb.index.data() + l * fb.index_stride;
-    for (int64_t j = 0; j < b.count[l]; ++j) {
-      yr[index[j] * stride] = static_cast<scalar_t>(fb.p[j * kBatchLanes + l] * inv_F);
+    const int64_t r = r0 + l;
+    if (load[l].status == LaneStatus::kFill) {
+      fill_row(y + base[l], n, stride, load[l].bad ? quiet_nan<float>() : 0.0f);
+    } else if (load[l].status == LaneStatus::kTooMany) {
+      forward_row_dispatch<scalar_t>(x + base[l], y + base[l], n, stride, alpha[r], fallback);
+    } else if (load[l].status == LaneStatus::kSolve) {
+      b.solve[l] = true;
+      b.count[l] = fb.lanes.count[l];
+      float* direct = contiguous_float_out(y + base[l], stride);
+      out[l] = direct != nullptr ? direct : fb.rows.data() + l * n;  // (the row's input is loaded)
     }
+  }
+  solve_batch_f32(fb.u.data(), b, fb);
+  store_selected(fb.u.data(), height, out, n, fb.lanes);
+  for (int l = 0; l < lanes; ++l) {
+    if (out[l] == nullptr || out[l] == contiguous_float_out(y + base[l], stride)) continue;
+    for (int64_t k = 0; k < n; ++k) y[base[l] + k * stride] = static_cast<scalar_t>(out[l][k]);
   }
 }
 

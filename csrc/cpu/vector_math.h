@@ -100,6 +100,42 @@ inline float expm1_f32(float x) {
   return e;
 }
 
+// 2^x for x <= 0 (0 below -125, where float32 goes subnormal). 2^r on [-1/2, 1/2] by a
+// degree-6 minimax polynomial (1.6e-8 relative with float32 coefficients), evaluated in
+// Estrin's scheme: a short dependency chain keeps more entries in flight.
+inline float exp2_f32(float x_in) {
+  const float x = x_in < -125.0f ? -125.0f : x_in;
+  const float shifted = x + 12582912.0f;  // 1.5 * 2^23: k = round(x) lands in the low mantissa bits
+  const float r = x - (shifted - 12582912.0f);  // exact, in [-1/2, 1/2]
+  const float r2 = r * r;  // 2^r = 1 + r Q(r): the 1 added last, in one rounding
+  const float q01 = 2.402264625e-1f * r + 6.931471825e-1f, q23 = 9.618489072e-3f * r + 5.550328642e-2f;
+  const float q45 = 1.534581243e-4f * r + 1.339993090e-3f;
+  const float y = ((q45 * r2 + q23) * r2 + q01) * r + 1.0f;
+  const float scale = bits_to_float((float_to_bits(shifted) - 0x4b400000u + 127u) << 23);  // 2^k
+  return x_in < -125.0f ? 0.0f : y * scale;
+}
+
+// log2(1 + a) for -1 < a <= 0, given z = 1 + a as rounded (z >= 2^-24: normal). With
+// z = 2^k m, m in [sqrt(1/2), sqrt(2)): log2(1 + a) = k + f P(f), f = 2^-k (1 + a) - 1,
+// formed exactly as fma(2^-k, a, 2^-k - 1) (the result is representable: a itself for
+// k = 0, 1 + 2a for k = -1 by Sterbenz, and m - 1 below, where 1 + a does not round), so
+// the rounding of z costs nothing and needs no correction term. P: degree-8 minimax,
+// 4.4e-8 relative with float32 coefficients, in Estrin's scheme.
+inline float log2_1p_f32(float a, float z) {
+  const uint32_t offset = float_to_bits(z) - 0x3f3504f3u;  // bits of sqrt(1/2)
+  const int32_t k = static_cast<int32_t>(offset) >> 23;
+  const float s = bits_to_float(static_cast<uint32_t>(127 - k) << 23);  // 2^-k
+  const float f = s * a + (s - 1.0f);
+  const float f2 = f * f, f4 = f2 * f2;  // P(f) = c0 + f R(f): c0 added last
+  const float r01 = 4.809106290e-1f * f - 7.213473320e-1f, r23 = 2.879162431e-1f * f - 3.607036769e-1f;
+  const float r45 = 2.157156467e-1f * f - 2.389448285e-1f, r67 = 1.258369386e-1f * f - 2.072697580e-1f;
+  const float r = (r67 * f2 + r45) * f4 + (r23 * f2 + r01);
+  return (r * f + 1.442695022e+0f) * f + static_cast<float>(k);
+}
+
+// (1 + a)^inv_eps for -1 < a <= 0 (an entry's p at its threshold), given z = 1 + a.
+inline float pow1p_f32(float a, float z, float inv_eps) { return exp2_f32(log2_1p_f32(a, z) * inv_eps); }
+
 // The math policy of entmax_math.h's formulas for the float vector loops.
 struct VectorMath {
   static float log(float x) { return log_f32(x); }
@@ -108,6 +144,7 @@ struct VectorMath {
   static float exp(float x) { return exp_f32(x); }
   static float expm1(float x) { return expm1_f32(x); }
   static void expm1_exp(float x, float& e, float& z) { expm1_exp_f32(x, e, z); }
+  static float pow1p(float a, float z, float inv_eps) { return pow1p_f32(a, z, inv_eps); }
 };
 
 }  // namespace vmath
