@@ -32,6 +32,10 @@ ENTMAX_HD float exp_(float x) { return expf(x); }
 ENTMAX_HD double exp_(double x) { return exp(x); }
 ENTMAX_HD float expm1_(float x) { return expm1f(x); }
 ENTMAX_HD double expm1_(double x) { return expm1(x); }
+ENTMAX_HD float log2_(float x) { return log2f(x); }
+ENTMAX_HD double log2_(double x) { return log2(x); }
+ENTMAX_HD float exp2_(float x) { return exp2f(x); }
+ENTMAX_HD double exp2_(double x) { return exp2(x); }
 ENTMAX_HD float sqrt_(float x) { return sqrtf(x); }
 ENTMAX_HD double sqrt_(double x) { return sqrt(x); }
 
@@ -53,24 +57,15 @@ constexpr double kLog2e = 1.44269504088896340736;
 // branch-free polynomials (cpu/vector_math.h) so that the same formulas vectorise.
 struct LibMath {
   template <typename T> ENTMAX_HD static T log(T x) { return log_(x); }
-  template <typename T> ENTMAX_HD static T log1p(T x) { return log1p_(x); }
   // (1 + a)^inv_eps for -1 < a <= 0, given z = 1 + a (rounded), which a caller has anyway.
   template <typename T> ENTMAX_HD static T pow1p(T a, T /*z*/, T inv_eps) { return exp_(log1p_(a) * inv_eps); }
   template <typename T> ENTMAX_HD static T exp(T x) { return exp_(x); }
+  template <typename T> ENTMAX_HD static T log2(T x) { return log2_(x); }
+  template <typename T> ENTMAX_HD static T exp2(T x) { return exp2_(x); }
   template <typename T> ENTMAX_HD static T expm1(T x) { return expm1_(x); }
-  // e = expm1(x) and z = exp(x) = 1 + e, each without cancellation: 1 + e rounds to 0
-  // once exp(x) is below half an ulp of 1 (an entry at the support edge for alpha > 2
-  // is p < 2^(-25/eps) in float: its gradient was NaN), and exp(x) - 1 loses e's
-  // digits near 0.
-  template <typename T> ENTMAX_HD static void expm1_exp(T x, T& e, T& z) {
-    if (x > T(-kLn2)) {
-      e = expm1_(x);
-      z = T(1) + e;
-    } else {
-      z = exp_(x);
-      e = z - T(1);
-    }
-  }
+  // expm1(x) for |x| >= Tolerance<T>::series_limit, given z = exp(x) (which the vector
+  // loops use: z - 1 has no cancellation that far from 0).
+  template <typename T> ENTMAX_HD static T expm1(T x, T /*z*/) { return expm1_(x); }
 };
 
 // Stopping rules of the root finder (section 3): once a Newton step is this
@@ -440,13 +435,18 @@ ENTMAX_HD T support_weight(T p, T eps) {
   return eps == T(0) ? p : p * exp_(-eps * log_(p));
 }
 
+// p^eps of an entry p > 0, as 2^(eps log2 p): no cancellation, and its relative error does
+// not grow with |ln p| beyond the rounding of eps log2 p.
+template <typename T, typename M = LibMath>
+ENTMAX_HD T pow_eps(T log2_p, T eps) {
+  return M::exp2(eps * log2_p);
+}
+
 // g in the row's form (section 8: alpha 1.5 needs a square root, alpha 2 nothing);
 // branch-free, for p on the support.
 template <typename T, typename M = LibMath>
 ENTMAX_HD T support_weight_general(T p, T eps) {
-  T e, z;
-  M::expm1_exp(eps * M::log(p), e, z);
-  return p / z;
+  return p / pow_eps<T, M>(M::log2(p), eps);
 }
 
 template <typename T, typename M = LibMath>
@@ -460,9 +460,11 @@ ENTMAX_HD T support_weight_in_form(T p, T eps, EntryForm form) {
 }
 
 // The terms of one support entry for eps > 0, with l = ln p, x = eps l, e = expm1(x),
-// z = exp(x) = p^eps (LibMath::expm1_exp):
+// z = exp(x) = p^eps (pow_eps):
 //   g = p^(1-eps) = p / z,  w = e / eps,  v = expm1(-x)/eps = -w / z,
-//   r = (e - x)/eps^2 (its series for |x| < series_limit).
+//   r = (e - x)/eps^2.
+// One series serves e and r near 0 (|x| < series_limit): with R = expm1_minus_x_ratio(x),
+// e = x + (x^2/2) R and r = (l^2/2) R; farther out e = expm1(x) and r is direct.
 template <typename T>
 struct BackwardTerms {
   T g, l, w, v, r;
@@ -471,16 +473,17 @@ struct BackwardTerms {
 template <typename T, typename M = LibMath>
 ENTMAX_HD BackwardTerms<T> backward_terms(T p, T eps, T inv_eps) {
   BackwardTerms<T> b;
-  b.l = M::log(p);
+  const T log2_p = M::log2(p);
+  b.l = log2_p * T(kLn2);
   const T x = eps * b.l;
-  T e, z;
-  M::expm1_exp(x, e, z);
+  const T z = pow_eps<T, M>(log2_p, eps);
+  const T ratio = expm1_minus_x_ratio(x);
+  const bool series = abs_(x) < Tolerance<T>::series_limit;
+  const T e = series ? x + T(0.5) * x * x * ratio : M::expm1(x, z);
   b.g = p / z;
   b.w = e * inv_eps;
   b.v = -b.w / z;
-  const T r_series = b.l * b.l * T(0.5) * expm1_minus_x_ratio(x);
-  const T r_direct = (e - x) * (inv_eps * inv_eps);
-  b.r = abs_(x) < Tolerance<T>::series_limit ? r_series : r_direct;
+  b.r = series ? b.l * b.l * T(0.5) * ratio : (e - x) * (inv_eps * inv_eps);
   return b;
 }
 

@@ -168,7 +168,7 @@ inline bool backward_sums_vector_f32(const float* p, const float* dy, float* g, 
 // last digits there).
 template <typename scalar_t, typename acc_t>
 acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int64_t stride, acc_t alpha,
-                   bool alpha_grad, BackwardScratch<acc_t>& b, bool known_dense = false) {
+                   bool alpha_grad, BackwardScratch<acc_t>& b) {
   b.reserve(n);
   const acc_t eps = alpha - acc_t(1);
   for (int64_t k = 0; k < n; ++k) {
@@ -181,8 +181,8 @@ acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t 
   if constexpr (std::is_same<acc_t, float>::value) {
     bool vector_done = false;
     if (eps > 0.0f && eps <= 1.0f) {
-      bool nan = false;  // known_dense: the batch counted the support and found no NaN
-      const int64_t support = known_dense ? n : support_size_f32(b.p.data(), b.dy.data(), n, nan);
+      bool nan = false;
+      const int64_t support = support_size_f32(b.p.data(), b.dy.data(), n, nan);
       if (!nan && sparse_support(support, n)) {
         const int64_t c = positions_above(b.p.data(), n, 0.0f, b.index.data());
         for (int64_t j = 0; j < c; ++j) {
@@ -225,56 +225,33 @@ struct BackwardRowScratch {
 template <typename scalar_t>
 typename AccType<scalar_t>::type backward_row_dispatch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n,
                                                        int64_t stride, typename AccType<scalar_t>::type alpha,
-                                                       bool alpha_grad, BackwardRowScratch<scalar_t>& s,
-                                                       bool known_dense = false) {
+                                                       bool alpha_grad, BackwardRowScratch<scalar_t>& s) {
   using acc_t = typename AccType<scalar_t>::type;
   if (std::is_same<acc_t, float>::value && alpha > acc_t(2)) {
     return static_cast<acc_t>(
         backward_row<scalar_t, double>(dy, y, dx, n, stride, static_cast<double>(alpha), alpha_grad, s.wide));
   }
-  return backward_row<scalar_t, acc_t>(dy, y, dx, n, stride, alpha, alpha_grad, s.acc, known_dense);
+  return backward_row<scalar_t, acc_t>(dy, y, dx, n, stride, alpha, alpha_grad, s.acc);
 }
 
 // ------------------------------------------------------------------ a batch of short rows
 
-// Each lane's support (p > 0) in column `lane` of [j][lane] tables: p, dy, then g.
+// Each lane's support (p > 0) in column `lane` of [j][lane] tables: p, dy, then g, then dX.
 struct BackwardBatch {
-  std::vector<float> row_p, row_dy;  // the row being loaded, in float
-  std::vector<float> p, dy, g;       // [j * kBatchLanes + lane]
-  std::vector<int32_t> index;        // [lane * index_stride + j]: the positions in the rows
-  int64_t index_stride = 0;
+  LaneTables lanes;
+  std::vector<float> rows_p, rows_dy;  // rows that are not contiguous floats, converted
+  std::vector<float> p, dy, g;         // [j * kBatchLanes + lane]
   void reserve(int64_t n) {
-    if (static_cast<int64_t>(row_p.size()) >= padded(n)) return;
-    row_p.resize(padded(n));
-    row_dy.resize(padded(n));
-    p.resize(padded(n) * kBatchLanes);
-    dy.resize(padded(n) * kBatchLanes);
-    g.resize(padded(n) * kBatchLanes);
-    index_stride = padded(n);
-    index.resize(padded(n) * kBatchLanes);
+    lanes.reserve(n);
+    const int64_t size = round_up_chunk(std::min(n, kBatchMaxCandidates)) * kBatchLanes;
+    if (static_cast<int64_t>(p.size()) >= size && static_cast<int64_t>(rows_p.size()) >= n * kBatchLanes) return;
+    rows_p.resize(n * kBatchLanes);
+    rows_dy.resize(n * kBatchLanes);
+    p.resize(size);
+    dy.resize(size);
+    g.resize(size);
   }
 };
-
-// Compacts a row's support (positions into index[0, count), p and dy into column `lane`)
-// and returns its size; or returns kPerRow if p or dy holds a NaN (the per-row path
-// propagates it), kDense if the support is more than half the row (the per-row vector loop
-// is then cheaper than compacting; the row is known NaN-free).
-constexpr int64_t kPerRow = -1;
-constexpr int64_t kDense = -2;
-
-inline int64_t load_support_f32(const float* p, const float* dy, int64_t n, int lane, float* p_col, float* dy_col,
-                         int32_t* index) {
-  bool nan = false;
-  const int64_t support = support_size_f32(p, dy, n, nan);
-  if (nan) return kPerRow;
-  if (!sparse_support(support, n)) return kDense;
-  const int64_t c = positions_above(p, n, 0.0f, index);
-  for (int64_t j = 0; j < c; ++j) {
-    p_col[j * kBatchLanes + lane] = p[index[j]];
-    dy_col[j * kBatchLanes + lane] = dy[index[j]];
-  }
-  return c;
-}
 
 // The lanes' sums over their supports (column j < rows; padding has p = 0): g in the
 // table, the sums (double) per lane. kForm: the lanes' entry form, for the x-gradient alone
@@ -353,67 +330,78 @@ void batch_sums_f32(const float* p, const float* dy, float* g_out, int64_t rows,
 }
 
 // Backward of rows r0 .. r0 + lanes - 1; rows the batch does not take (alpha = 1,
-// alpha > 2, invalid alpha, NaN, a dense support) go through backward_row_dispatch.
-// Writes dX and dalpha.
+// alpha > 2, invalid alpha, NaN, a support of more than kBatchMaxCandidates entries) go
+// through backward_row_dispatch. Writes dX and dalpha.
 template <typename scalar_t>
 void backward_batch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, const float* alpha, float* dalpha, int64_t r0,
                     int lanes, int64_t n, int64_t stride, bool alpha_grad, BackwardBatch& bb,
                     BackwardRowScratch<scalar_t>& fallback) {
   bb.reserve(n);
-  bool solve[kBatchLanes] = {};
-  int64_t count[kBatchLanes] = {}, base[kBatchLanes] = {};
+  const float* p_rows[kBatchLanes] = {};
+  const float* dy_rows[kBatchLanes] = {};
+  int64_t base[kBatchLanes];
   float eps[kBatchLanes], inv_eps[kBatchLanes];
   EntryForm forms[kBatchLanes];
-  int64_t rows = 0;
   for (int l = 0; l < kBatchLanes; ++l) {  // idle lanes: harmless parameters
     eps[l] = inv_eps[l] = 1.0f;
     forms[l] = EntryForm::kLinear;
   }
-  int first = -1;
-  bool uniform = true;
   for (int l = 0; l < lanes; ++l) {
     const int64_t r = r0 + l;
     base[l] = row_base(r, n, stride);
     const float e = alpha[r] - 1.0f;
-    int64_t c = kPerRow;
-    if (e > 0.0f && e <= 1.0f) {
-      const float* p_row = contiguous_float_row(y + base[l], n, stride, bb.row_p.data());
-      const float* dy_row = contiguous_float_row(dy + base[l], n, stride, bb.row_dy.data());
-      c = load_support_f32(p_row, dy_row, n, l, bb.p.data(), bb.dy.data(), bb.index.data() + l * bb.index_stride);
-    }
-    if (c == kPerRow || c == kDense) {
+    if (!(e > 0.0f && e <= 1.0f)) {
       dalpha[r] = backward_row_dispatch<scalar_t>(dy + base[l], y + base[l], dx + base[l], n, stride, alpha[r],
-                                                  alpha_grad, fallback, c == kDense);
+                                                  alpha_grad, fallback);
       continue;
     }
-    solve[l] = true;
-    count[l] = c;
+    p_rows[l] = contiguous_float_row(y + base[l], n, stride, bb.rows_p.data() + l * n);
+    dy_rows[l] = contiguous_float_row(dy + base[l], n, stride, bb.rows_dy.data() + l * n);
     eps[l] = e;
     inv_eps[l] = 1.0f / e;
     forms[l] = entry_form(e);
-    rows = std::max(rows, c);
+  }
+  const int64_t height = load_supports(p_rows, dy_rows, n, kBatchMaxCandidates, bb.lanes, bb.p.data(), bb.dy.data());
+  bool solve[kBatchLanes] = {};
+  int first = -1;
+  bool uniform = true;
+  int64_t rows = 0;
+  for (int l = 0; l < lanes; ++l) {
+    if (p_rows[l] == nullptr) continue;
+    if (bb.lanes.count[l] < 0) {  // NaN (the per-row path propagates it), or a long support
+      dalpha[r0 + l] = backward_row_dispatch<scalar_t>(dy + base[l], y + base[l], dx + base[l], n, stride,
+                                                       alpha[r0 + l], alpha_grad, fallback);
+      continue;
+    }
+    solve[l] = true;
+    rows = std::max(rows, bb.lanes.count[l]);
     if (first < 0) first = l;
     uniform = uniform && forms[l] == forms[first];
   }
   if (first < 0) return;
-  const BatchForm form = batch_form(forms[first], uniform);
-  for (int l = 0; l < kBatchLanes; ++l) {
-    const int64_t from = solve[l] ? count[l] : 0;
-    for (int64_t j = from; j < rows; ++j) bb.p[j * kBatchLanes + l] = bb.dy[j * kBatchLanes + l] = 0.0f;
-  }
   BackwardSums<double> sums[kBatchLanes];
-  batch_sums_f32(bb.p.data(), bb.dy.data(), bb.g.data(), rows, eps, inv_eps, forms, form, alpha_grad, sums);
+  batch_sums_f32(bb.p.data(), bb.dy.data(), bb.g.data(), rows, eps, inv_eps, forms, batch_form(forms[first], uniform),
+                 alpha_grad, sums);
+  // dX = g (dy - q) of the support entries, in place of dy, then into the rows.
+  float q[kBatchLanes];
+  for (int l = 0; l < kBatchLanes; ++l) q[l] = static_cast<float>(backward_q(sums[l].g, sums[l].g_dy));
+  float* g = bb.g.data();
+  float* d = bb.dy.data();
+  for (int64_t j = 0; j < rows; ++j) {
+#pragma omp simd
+    for (int l = 0; l < kBatchLanes; ++l) d[j * kBatchLanes + l] = g[j * kBatchLanes + l] * (d[j * kBatchLanes + l] - q[l]);
+  }
+  float* out[kBatchLanes] = {};
   for (int l = 0; l < lanes; ++l) {
     if (!solve[l]) continue;
-    const float q = static_cast<float>(backward_q(sums[l].g, sums[l].g_dy));
-    scalar_t* dxr = dx + base[l];
-    fill_row(dxr, n, stride, 0.0f);
-    const int32_t* index = bb.index.data() + l * bb.index_stride;
-    for (int64_t j = 0; j < count[l]; ++j) {
-      const int64_t i = j * kBatchLanes + l;
-      dxr[index[j] * stride] = static_cast<scalar_t>(bb.g[i] * (bb.dy[i] - q));
-    }
+    float* direct = contiguous_float_out(dx + base[l], stride);
+    out[l] = direct != nullptr ? direct : bb.rows_p.data() + l * n;  // (the row's input is loaded)
     dalpha[r0 + l] = alpha_grad ? static_cast<float>(alpha_gradient(sums[l], static_cast<double>(eps[l]))) : 0.0f;
+  }
+  store_selected(d, height, out, n, bb.lanes);
+  for (int l = 0; l < lanes; ++l) {
+    if (out[l] == nullptr || out[l] == contiguous_float_out(dx + base[l], stride)) continue;
+    for (int64_t k = 0; k < n; ++k) dx[base[l] + k * stride] = static_cast<scalar_t>(out[l][k]);
   }
 }
 

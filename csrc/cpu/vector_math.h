@@ -1,6 +1,7 @@
-// Branch-free float32 exp and log that compilers vectorise (the CPU hot loops
-// call them on arrays). Cephes' single-precision polynomials: about 1 ulp.
-// Host only; the CUDA kernels use the device's own functions.
+// Branch-free float32 exp, log and their base-2 forms that compilers vectorise (the CPU
+// hot loops call them on arrays): Cephes' single-precision exp and log (about 1 ulp), and
+// leaner exp2 / log2 on minimax polynomials for the per-entry terms (accuracy stated with
+// each). Host only; the CUDA kernels use the device's own functions.
 #pragma once
 
 #include <cstdint>
@@ -64,22 +65,9 @@ inline float log_f32(float x_in) {
   return tiny ? result - 15.9423851528787421f : result;  // undo the scaling: - 23 ln 2
 }
 
-// log1p(a) for a > -1: log(1 + a) with the rounding of 1 + a corrected
-// (so that tiny a keep their digits), given z = 1 + a and inv_z = 1 / z.
-inline float log1p_f32(float a, float z, float inv_z) {
-  return log_f32(z) - ((z - 1.0f) - a) * inv_z;
-}
-
-inline float log1p_f32(float a) {
-  const float z1 = 1.0f + a;
-  const float z = z1 < kMinNormal ? kMinNormal : z1;
-  return log1p_f32(a, z, 1.0f / z);
-}
-
-// e = expm1(x) and z = exp(x) for x <= 88, each without cancellation (the contract of
-// math::LibMath::expm1_exp): e from its Taylor series where |x| < 0.5, exp(x) - 1
-// elsewhere; z = 1 + e above -ln 2, exp(x) below.
-inline void expm1_exp_f32(float x, float& e, float& z) {
+// expm1(x) for x <= 88: its Taylor series where |x| < 1/2 (about 1 ulp), exp(x) - 1
+// elsewhere (no cancellation there).
+inline float expm1_f32(float x) {
   float y = 1.0f / 40320;
   y = y * x + 1.0f / 5040;
   y = y * x + 1.0f / 720;
@@ -88,16 +76,7 @@ inline void expm1_exp_f32(float x, float& e, float& z) {
   y = y * x + 1.0f / 6;
   y = y * x + 0.5f;
   y = y * x * x + x;
-  const float ex = exp_f32(x);
-  const bool small = x > -0.5f && x < 0.5f;
-  e = small ? y : ex - 1.0f;
-  z = x > -0.693147181f ? 1.0f + e : ex;
-}
-
-inline float expm1_f32(float x) {
-  float e, z;
-  expm1_exp_f32(x, e, z);
-  return e;
+  return x > -0.5f && x < 0.5f ? y : exp_f32(x) - 1.0f;
 }
 
 // 2^x for x <= 0 (0 below -125, where float32 goes subnormal). 2^r on [-1/2, 1/2] by a
@@ -115,22 +94,39 @@ inline float exp2_f32(float x_in) {
   return x_in < -125.0f ? 0.0f : y * scale;
 }
 
+// P(f) = log2(1 + f) / f for f in [sqrt(1/2) - 1, sqrt(2) - 1]: degree-8 minimax, 4.4e-8
+// relative with float32 coefficients, in Estrin's scheme (a short dependency chain keeps
+// more entries in flight) with the constant term added last.
+inline float log2_1p_poly(float f) {
+  const float f2 = f * f, f4 = f2 * f2;
+  const float r01 = 4.809106290e-1f * f - 7.213473320e-1f, r23 = 2.879162431e-1f * f - 3.607036769e-1f;
+  const float r45 = 2.157156467e-1f * f - 2.389448285e-1f, r67 = 1.258369386e-1f * f - 2.072697580e-1f;
+  const float r = (r67 * f2 + r45) * f4 + (r23 * f2 + r01);
+  return r * f + 1.442695022e+0f;
+}
+
 // log2(1 + a) for -1 < a <= 0, given z = 1 + a as rounded (z >= 2^-24: normal). With
 // z = 2^k m, m in [sqrt(1/2), sqrt(2)): log2(1 + a) = k + f P(f), f = 2^-k (1 + a) - 1,
 // formed exactly as fma(2^-k, a, 2^-k - 1) (the result is representable: a itself for
 // k = 0, 1 + 2a for k = -1 by Sterbenz, and m - 1 below, where 1 + a does not round), so
-// the rounding of z costs nothing and needs no correction term. P: degree-8 minimax,
-// 4.4e-8 relative with float32 coefficients, in Estrin's scheme.
+// the rounding of z costs nothing and needs no correction term.
 inline float log2_1p_f32(float a, float z) {
   const uint32_t offset = float_to_bits(z) - 0x3f3504f3u;  // bits of sqrt(1/2)
   const int32_t k = static_cast<int32_t>(offset) >> 23;
   const float s = bits_to_float(static_cast<uint32_t>(127 - k) << 23);  // 2^-k
   const float f = s * a + (s - 1.0f);
-  const float f2 = f * f, f4 = f2 * f2;  // P(f) = c0 + f R(f): c0 added last
-  const float r01 = 4.809106290e-1f * f - 7.213473320e-1f, r23 = 2.879162431e-1f * f - 3.607036769e-1f;
-  const float r45 = 2.157156467e-1f * f - 2.389448285e-1f, r67 = 1.258369386e-1f * f - 2.072697580e-1f;
-  const float r = (r67 * f2 + r45) * f4 + (r23 * f2 + r01);
-  return (r * f + 1.442695022e+0f) * f + static_cast<float>(k);
+  return log2_1p_poly(f) * f + static_cast<float>(k);
+}
+
+// log2(x) for x > 0 (a subnormal x is scaled into the normal range first): the range
+// reduction of log2_1p_f32 with f = m - 1 (exact), and its polynomial.
+inline float log2_f32(float x_in) {
+  const bool tiny = x_in < kMinNormal;
+  const float x = tiny ? x_in * 8388608.0f : x_in;  // * 2^23
+  const uint32_t offset = float_to_bits(x) - 0x3f3504f3u;  // bits of sqrt(1/2)
+  const int32_t k = static_cast<int32_t>(offset) >> 23;
+  const float f = bits_to_float((offset & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  return log2_1p_poly(f) * f + (static_cast<float>(k) - (tiny ? 23.0f : 0.0f));
 }
 
 // (1 + a)^inv_eps for -1 < a <= 0 (an entry's p at its threshold), given z = 1 + a.
@@ -139,11 +135,11 @@ inline float pow1p_f32(float a, float z, float inv_eps) { return exp2_f32(log2_1
 // The math policy of entmax_math.h's formulas for the float vector loops.
 struct VectorMath {
   static float log(float x) { return log_f32(x); }
-  static float log1p(float x) { return log1p_f32(x); }
-  static float log1p(float a, float z, float inv_z) { return log1p_f32(a, z, inv_z); }
+  static float log2(float x) { return log2_f32(x); }
   static float exp(float x) { return exp_f32(x); }
+  static float exp2(float x) { return exp2_f32(x); }
   static float expm1(float x) { return expm1_f32(x); }
-  static void expm1_exp(float x, float& e, float& z) { expm1_exp_f32(x, e, z); }
+  static float expm1(float /*x*/, float z) { return z - 1.0f; }  // for |x| >= series_limit (1)
   static float pow1p(float a, float z, float inv_eps) { return pow1p_f32(a, z, inv_eps); }
 };
 
