@@ -65,6 +65,14 @@ inline float log_f32(float x_in) {
   return tiny ? result - 15.9423851528787421f : result;  // undo the scaling: - 23 ln 2
 }
 
+// log1p(a) for a > -1: log(1 + a) with the rounding of 1 + a corrected (so that tiny a
+// keep their digits). The fused attention's CPU tiles use it.
+inline float log1p_f32(float a) {
+  const float z1 = 1.0f + a;
+  const float z = z1 < kMinNormal ? kMinNormal : z1;
+  return log_f32(z) - ((z - 1.0f) - a) / z;
+}
+
 // expm1(x) for x <= 88: its Taylor series where |x| < 1/2 (about 1 ulp), exp(x) - 1
 // elsewhere (no cancellation there).
 inline float expm1_f32(float x) {
