@@ -7,7 +7,9 @@
 The same `--warmup` + `--batches` training batches (batch 512, shuffled with a fixed seed) run
 through one full training step each -- item-embedding renormalisation, host-to-device copy,
 forward, full-catalogue cross-entropy (DSAN.loss), backward, Adam (amsgrad) step, as dsan's
-Trainer does -- for every backend: adaptive-entmax (the fused entmax_cuda op), softmax,
+Trainer does -- for every backend: adaptive-entmax (the fused entmax_cuda op; the
+self-attention as one fused scaled-dot-product entmax), adaptive-entmax-materialised (the same
+with the self-attention's scores materialised and normalised by the entmax op), softmax,
 entmax-bisect-lib (the `entmax` library's entmax_bisect, 50 steps) and entmax-reference (the
 project's pure-PyTorch bisection, 50 steps). Every backend starts from the same seed and
 weights. Only the timed batches count (warm-up excluded); the batch tensors are cut before
@@ -38,7 +40,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages
 
 import common  # noqa: E402
 
-BACKENDS = ["adaptive-entmax", "softmax", "entmax-bisect-lib", "entmax-reference"]
+BACKENDS = ["adaptive-entmax", "adaptive-entmax-materialised", "softmax", "entmax-bisect-lib", "entmax-reference"]
+MATERIALISED = "-materialised"  # the same normaliser with the self-attention's L x L scores materialised
 EPOCH_SAMPLES_RETAILROCKET = 433_648
 RR_ITEMS = 36_968
 RR_SESSIONS = 126_168
@@ -117,7 +120,11 @@ def bench_backend(backend, batches, warmup, n_items, longest, device, seed):
     from dsan.model import DSAN
 
     torch.manual_seed(seed)
-    model = DSAN(n_items, longest, embedding_dim=100, dropout=0.5, wk=20.0, attention=backend).to(device)
+    materialised = backend.endswith(MATERIALISED)
+    attention = backend[: -len(MATERIALISED)] if materialised else backend
+    model = DSAN(n_items, longest, embedding_dim=100, dropout=0.5, wk=20.0, attention=attention).to(device)
+    if materialised:
+        model.fused_attention = None  # DSAN.self_attention then materialises the scores
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
     model.train()
     cuda = device.type == "cuda"

@@ -39,8 +39,10 @@ def _run(path, portable: bool):
     env.pop("ENTMAX_CPU_PORTABLE", None)
     if portable:
         env["ENTMAX_CPU_PORTABLE"] = "1"
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and the source tree
+    # of an installed wheel holds no built kernels
     done = subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          cwd=path.parent, timeout=300)
     assert done.returncode == 0, done.stderr
     return torch.load(path)
 
