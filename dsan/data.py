@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ SYNTHETIC_SESSIONS = 6000
 SYNTHETIC_ITEMS = 400
 SYNTHETIC_SEED = 1
 INT64_MAX = 2**63 - 1
+INT64_DIGITS = len(str(INT64_MAX))
+QUOTE_LIMIT = 80  # characters of a bad field or row that an error message repeats
 
 
 @dataclass
@@ -135,6 +138,11 @@ def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: 
 # ---------------------------------------------------------------- raw readers
 
 
+def excerpt(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """text, or its first `limit` characters and its length: an error message stays one short line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _check_header(path, header, expected, sep_name):
     if header is None:
         raise DataError(f"{path}:1: empty file, expected the header {sep_name.join(expected)!r}")
@@ -153,20 +161,23 @@ def _raw_rows(path, expected, delimiter, fields_name):
             continue
         if len(row) != len(expected):
             raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
-                            f"got {len(row)}: {row!r}")
+                            f"got {len(row)}: {excerpt(repr(row))}")
         yield line, row
 
 
 def ascii_int(text: str) -> int:
     """A non-negative integer written in ASCII digits (no sign, '_', spaces or other scripts' digits)."""
     if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"{text!r} is not a number in ASCII digits")
-    return int(text)
+        raise ValueError(f"{excerpt(text)!r} is not a number in ASCII digits")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > sys.get_int_max_str_digits():  # int() would refuse it
+        raise ValueError(f"a number of {len(digits)} digits is too long")
+    return int(digits)
 
 
 def ascii_float(text: str) -> float:
     if not text.isascii():
-        raise ValueError(f"{text!r} is not an ASCII number")
+        raise ValueError(f"{excerpt(text)!r} is not an ASCII number")
     return float(text)
 
 
@@ -183,7 +194,7 @@ def read_diginetica(path, unsorted: bool = False) -> list[RawSession]:
             session, item, timeframe = ascii_int(row[0]), ascii_int(row[2]), ascii_int(row[3])
             day = dt.datetime.strptime(row[4], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
         except ValueError as e:
-            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+            raise DataError(f"{path}:{line}: malformed row {excerpt(repr(row))} ({e})") from None
         clicks.setdefault(session, []).append((day, timeframe, len(clicks.get(session, ())), item))
     sessions = []
     for session, rows in clicks.items():
@@ -214,7 +225,7 @@ def read_retailrocket(path) -> list[RawSession]:
         try:
             views.append((ascii_int(row[1]), ascii_int(row[0]) / 1000.0, ascii_int(row[3])))
         except ValueError as e:
-            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+            raise DataError(f"{path}:{line}: malformed row {excerpt(repr(row))} ({e})") from None
     if not views:
         raise DataError(f"{path}: no view events")
     views.sort(key=lambda v: (v[0], v[1]))
@@ -236,7 +247,7 @@ def _read_retailrocket_sessions_tsv(path) -> list[RawSession]:
         try:
             time, item, session = ascii_float(row[0]), ascii_int(row[2]), ascii_int(row[3])
         except ValueError as e:
-            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+            raise DataError(f"{path}:{line}: malformed row {excerpt(repr(row))} ({e})") from None
         clicks.setdefault(session, []).append((time, item))
     if not clicks:
         raise DataError(f"{path}: no click rows after the header")
@@ -324,6 +335,12 @@ def read_session_file(path) -> list[list[int]]:
         if not plain and not (line.isascii() and all(map(str.isdigit, fields))):
             bad = next(f for f in fields if not (f.isascii() and f.isdigit()))
             raise DataError(f"{path}:{line_number}: item id {bad[:40]!r} is not a positive integer in ASCII digits")
+        if max(map(len, fields)) > INT64_DIGITS:  # also keeps int() under its 4300-digit limit
+            fields = [f.lstrip("0") or "0" for f in fields]  # leading zeros do not make an id large
+            large = next((f for f in fields if len(f) > INT64_DIGITS), None)
+            if large is not None:
+                raise DataError(f"{path}:{line_number}: item id {excerpt(large, 40)} is beyond the 64-bit integer "
+                                "range")
         items = [int(x) for x in fields]
         largest = max(items)
         if largest > INT64_MAX:

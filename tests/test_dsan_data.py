@@ -211,6 +211,21 @@ def test_an_id_beyond_int64_is_refused(tmp_path):
     path = write(tmp_path / "train.txt", "1 2 3\n4 100000000000000000000 5\n")
     with pytest.raises(DataError, match=r"train.txt:2: item id 100000000000000000000 is beyond the 64-bit"):
         read_session_file(path)
+    # more digits than int() converts (4300): the same message, the id cut short
+    path = write(tmp_path / "train.txt", "1 2 3\n4 1" + "0" * 4300 + " 5\n")
+    with pytest.raises(DataError, match=r"train.txt:2: item id 1000000000\S*\.\.\. \(4301 characters\) is beyond the 64-bit"):
+        read_session_file(path)
+    # leading zeros do not make an id large
+    path = write(tmp_path / "train.txt", "1 2 3\n4 " + "0" * 5000 + "7 5\n")
+    assert read_session_file(path) == [[1, 2, 3], [4, 7, 5]]
+
+
+def test_a_malformed_raw_row_is_quoted_short(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n"
+                                         "1;NA;1" + "0" * 5000 + ";100;2016-01-01\n")
+    with pytest.raises(DataError, match=r"views.csv:2: malformed row") as error:
+        read_diginetica(raw)
+    assert len(str(error.value)) < 300, str(error.value)
 
 
 def data_folder(tmp_path, train, test, stats=None):
