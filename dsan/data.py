@@ -154,15 +154,18 @@ def _raw_rows(path, expected, delimiter, fields_name):
     """(line number, row) of a delimited UTF-8 file with the header `expected`; blank lines
     skipped, rows with the wrong number of fields stop with the file and line."""
     reader = csv.reader((text for _, text in read_lines(path)), delimiter=delimiter)
-    _check_header(path, next(reader, None), expected, delimiter)
-    for row in reader:
-        line = reader.line_num
-        if not row:
-            continue
-        if len(row) != len(expected):
-            raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
-                            f"got {len(row)}: {excerpt(repr(row))}")
-        yield line, row
+    try:
+        _check_header(path, next(reader, None), expected, delimiter)
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(expected):
+                raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
+                                f"got {len(row)}: {excerpt(repr(row))}")
+            yield line, row
+    except csv.Error as e:  # e.g. a field beyond the csv module's size limit
+        raise DataError(f"{path}:{reader.line_num}: not readable as {fields_name} fields ({e})") from None
 
 
 def ascii_int(text: str) -> int:
@@ -328,6 +331,11 @@ def read_session_file(path) -> list[list[int]]:
     plain = not raw.translate(None, SESSION_TEXT_BYTES)  # only digits, spaces and newlines: no check per field
     for line_number, line in enumerate(raw.decode("ascii").split("\n"), 1) if plain else read_lines(path):
         fields = line.split()
+        if not plain and not line.isascii():
+            column, character = next((i, c) for i, c in enumerate(line, 1) if not c.isascii())
+            if character.isspace():  # str.split() splits there too, so no field would look wrong
+                raise DataError(f"{path}:{line_number}: character U+{ord(character):04X} at column {column} is not "
+                                "an ASCII space or tab (ids are separated by spaces or tabs)")
         if not fields:
             if plain and line_number == raw.count(b"\n") + 1:
                 break  # what follows the last newline

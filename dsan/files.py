@@ -46,12 +46,16 @@ def append_line(path, line: str) -> None:
 
 def read_lines(path):
     """(line number, text) of a UTF-8 text file; a leading byte-order mark is dropped, and bytes
-    that are not UTF-8 stop with the file, line and byte."""
+    that are not UTF-8 stop with the file, line and byte. Lines end with \\n or \\r\\n: a carriage
+    return alone (old Mac line ends) stops with the file and line."""
     path = Path(path)
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            if b"\r" in (raw[:-2] if raw.endswith(b"\r\n") else raw):
+                raise DataError(f"{path}:{number}: carriage return without a line feed (old Mac line ends are not "
+                                "supported; end lines with \\n or \\r\\n)")
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:

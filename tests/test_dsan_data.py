@@ -201,6 +201,38 @@ def test_a_utf8_byte_order_mark_and_other_line_ends_are_accepted(tmp_path):
     assert read_diginetica(raw)[0].items == [10]
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u2003", "\u3000"])
+def test_a_non_ascii_space_between_ids_is_named_with_its_column(tmp_path, space):
+    path = write(tmp_path / "train.txt", f"1 2 3\n4{space}5 6\n")
+    with pytest.raises(DataError, match=rf"train.txt:2: character U\+{ord(space):04X} at column 2 is not an ASCII "
+                                        "space or tab"):
+        read_session_file(path)
+    with pytest.raises(DataError, match=rf"train.txt:2: character U\+{ord(space):04X} at column 1"):
+        read_session_file(write(tmp_path / "train.txt", f"1 2 3\n{space}\n"))
+
+
+def test_old_mac_line_ends_are_refused(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"1 2 3\r4 5 6\r")
+    with pytest.raises(DataError, match=r"train.txt:1: carriage return without a line feed \(old Mac line ends "
+                                        r"are not supported"):
+        read_session_file(path)
+    path.write_bytes(b"1 2 3\r\n4 5 6\r\n7 8\r9\r\n")
+    with pytest.raises(DataError, match=r"train.txt:3: carriage return without a line feed"):
+        read_session_file(path)
+    raw = tmp_path / "views.csv"
+    raw.write_bytes(b"session_id;user_id;item_id;timeframe;eventdate\r1;NA;10;100;2016-01-01\r")
+    with pytest.raises(DataError, match=r"views.csv:1: carriage return without a line feed"):
+        read_diginetica(raw)
+
+
+def test_a_raw_field_beyond_the_csv_size_limit_is_named(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n"
+                                         "1;NA;10;100;2016-01-01\n1;NA;" + "1" * 200_000 + ";100;2016-01-01\n")
+    with pytest.raises(DataError, match=r"views.csv:3: not readable as ';'-separated fields \(field larger"):
+        read_diginetica(raw)
+
+
 def test_unicode_digits_in_raw_files_are_refused_with_file_and_line(tmp_path):
     raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n1;NA;\u0661\u0662;100;2016-01-01\n")
     with pytest.raises(DataError, match=r"views.csv:2: malformed row .*ASCII digits"):
