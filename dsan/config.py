@@ -18,6 +18,7 @@ from pathlib import Path
 from .data import PROTOCOLS
 from .device import DEVICE_CHOICES
 from .errors import ConfigError, require_extra
+from .files import PARSER_LIMIT_ERRORS, parser_limit_reason
 from .evaluate import METRICS
 
 ATTENTION_NAMES = ("adaptive-entmax", "entmax-reference", "softmax", "entmax-bisect-lib")
@@ -190,6 +191,8 @@ def read_config_file(path) -> dict:
             values = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except PARSER_LIMIT_ERRORS as e:
+            raise ConfigError(f"{path}: unreadable JSON ({parser_limit_reason(e)})") from None
     else:
         yaml = require_extra("yaml")
         try:
@@ -198,6 +201,8 @@ def read_config_file(path) -> dict:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise ConfigError(f"{path}{'' if line is None else f':{line + 1}'}: not valid YAML: "
                               f"{getattr(e, 'problem', None) or e}") from None
+        except PARSER_LIMIT_ERRORS as e:
+            raise ConfigError(f"{path}: unreadable YAML ({parser_limit_reason(e)})") from None
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
@@ -243,7 +248,7 @@ def read_run_config(run_dir) -> RunConfig:
     yaml = require_extra("yaml")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, *PARSER_LIMIT_ERRORS) as e:
         raise ConfigError(f"{path}: not a readable run configuration ({type(e).__name__})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: not a run configuration (expected a mapping)")

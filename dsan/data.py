@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .files import read_lines, write_atomically
+from .files import PARSER_LIMIT_ERRORS, parser_limit_reason, read_lines, write_atomically
 
 TEST_DAYS = 7
 SECONDS_PER_DAY = 86_400
@@ -364,11 +364,11 @@ def read_session_file(path) -> list[list[int]]:
 def read_stats(path) -> dict:
     """stats.json as `prepare` writes it: a JSON object with a known `protocol` and an integer `n_items`."""
     try:
-        stats = json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        stats = json.loads("".join(text for _, text in read_lines(path)))  # a BOM is dropped, bad bytes named
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except PARSER_LIMIT_ERRORS as e:
+        raise DataError(f"{path}: unreadable JSON ({parser_limit_reason(e)})") from None
     if not isinstance(stats, dict):
         raise DataError(f"{path}: expected a JSON object (as dsan prepare writes), got {type(stats).__name__}")
     if stats.get("protocol") not in PROTOCOLS:
@@ -407,7 +407,7 @@ class SessionData:
         test = read_session_file(directory / "test.txt")
         notes = []
         stats_path = directory / "stats.json"
-        stats = read_stats(stats_path) if stats_path.is_file() else None
+        stats = read_stats(stats_path) if stats_path.exists() else None  # a folder of that name is an error
         if stats is not None:
             if protocol is not None and protocol != stats["protocol"]:
                 raise DataError(f"{stats_path}: the data was prepared under the {stats['protocol']} protocol; "

@@ -7,6 +7,16 @@ from pathlib import Path
 
 from .errors import DataError, DsanError
 
+# What the JSON and YAML parsers raise, besides their own syntax errors, on text they cannot
+# represent: ValueError (an integer beyond int()'s 4300-digit limit, a date such as 2020-13-45)
+# or RecursionError (nesting deeper than Python's recursion limit).
+PARSER_LIMIT_ERRORS = (ValueError, RecursionError)
+
+
+def parser_limit_reason(e: Exception) -> str:
+    """The short reason of one of PARSER_LIMIT_ERRORS (without Python's advice on raising the limit)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+
 
 def write_atomically(contents: dict) -> None:
     """Writes {path: str | bytes | callable(tmp_path)} so that each file appears whole or not at all.

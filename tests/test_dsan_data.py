@@ -313,6 +313,25 @@ def test_stats_json_decides_the_protocol_and_must_be_well_formed(tmp_path):
             SessionData.load(folder)
 
 
+def test_stats_json_beyond_the_parser_limits_bom_and_bytes(tmp_path):
+    folder = data_folder(tmp_path, "1 2 3\n3 2 1\n", "1 2 3\n")
+    for text, message in [('{"protocol": "dsan", "n_items": 1' + "0" * 5000 + "}",
+                           r"stats.json: unreadable JSON \(Exceeds the limit \(4300 digits\)"),
+                          ("[" * 100_000 + "]" * 100_000, r"stats.json: unreadable JSON \(nested too deeply\)")]:
+        write(folder / "stats.json", text)
+        with pytest.raises(DataError, match=message):
+            SessionData.load(folder)
+    (folder / "stats.json").write_bytes(b'\xef\xbb\xbf{"protocol": "srgnn", "n_items": 3}\n')  # a BOM, as elsewhere
+    assert SessionData.load(folder).protocol.name == "srgnn"
+    (folder / "stats.json").write_bytes(b'{"protocol": "srgnn",\n "n_items": \xff3}\n')
+    with pytest.raises(DataError, match=r"stats.json:2: not UTF-8 text \(byte 0xff at column 13\)"):
+        SessionData.load(folder)
+    (folder / "stats.json").unlink()
+    (folder / "stats.json").mkdir()  # not silently taken for a missing file
+    with pytest.raises(OSError, match="stats.json"):
+        SessionData.load(folder)
+
+
 def test_long_prefixes_keep_their_most_recent_clicks():
     samples = PrefixSamples([list(range(1, 11))], min_prefix=2, max_length=4)
     items, lengths, targets = samples.batch(range(len(samples)))
