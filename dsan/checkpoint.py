@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .files import write_atomically
 
 REQUIRED_KEYS = ("model", "model_args")
+MODEL_SIZES = ("n_items", "max_session_length", "embedding_dim")
 
 
 def save_checkpoint(state: dict, path) -> None:
@@ -58,10 +59,16 @@ def load_model(run_dir, which: str = "best", attention: str | None = None, map_l
     state = load_checkpoint(path, map_location)
     try:
         args = dict(state["model_args"])
+        for name in MODEL_SIZES:  # checked here: torch would fail on a negative size with a RuntimeError
+            value = args.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if attention is not None:
             args["attention"] = attention
         model = DSAN(**args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError, ConfigError) as e:
+        if isinstance(e, ConfigError) and attention is not None:
+            raise  # the --attention the user gave, not the checkpoint's
         raise CheckpointError(f"{path}: its model_args do not describe a DSAN model ({e})") from None
     restore(model, state["model"], path)
     model.eval()

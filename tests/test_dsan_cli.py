@@ -209,6 +209,21 @@ def test_corrupt_truncated_empty_or_foreign_checkpoints_are_named(run_dir, tmp_p
     assert (run / "config.yaml").read_bytes() == config_before
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"n_items": -5}, "n_items must be a positive integer, got -5"),
+    ({"embedding_dim": 0}, "embedding_dim must be a positive integer, got 0"),
+    ({"max_session_length": "40"}, "max_session_length must be a positive integer, got '40'"),
+    ({"attention": "bogus"}, "attention must be one of adaptive-entmax"),
+])
+def test_checkpoint_model_args_that_describe_no_model_name_the_file(run_dir, tmp_path, capsys, change, message):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    best = torch.load(run / "best.pt", weights_only=True)
+    torch.save(dict(best, model_args=dict(best["model_args"], **change)), run / "best.pt")
+    fails(["evaluate", "--run", str(run), "--device", "cpu"], capsys,
+          f"best.pt: its model_args do not describe a DSAN model ({message}")
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(data_dir, tmp_path, capsys, monkeypatch):
     real_write_bytes = Path.write_bytes
 
