@@ -51,13 +51,19 @@ def prepare_run(run_dir, config_file=None, overrides=None, resume: bool = False)
             raise RunError(f"--resume continues {run_dir} as configured in its config.yaml; "
                            + ", ".join(f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}" for name in changed)
                            + f" cannot change (only {', '.join(RESUMABLE)} can); start a new --run instead")
-        return config
+        return _with_absolute_data(config)
     if (run_dir / "last.pt").exists():
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run")
     config = resolve(config_file, overrides)
     if not config.data:
         raise RunError("--data DIR is required (a folder with train.txt and test.txt)")
-    return config
+    return _with_absolute_data(config)
+
+
+def _with_absolute_data(config: RunConfig) -> RunConfig:
+    """config.yaml keeps the data folder as an absolute path, so that --resume and evaluate work from
+    any working directory (a relative one saved by an older run resolves against the current one)."""
+    return dataclasses.replace(config, data=str(Path(config.data).resolve()))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

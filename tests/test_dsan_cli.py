@@ -256,6 +256,35 @@ def test_resume_on_other_data_fails_before_touching_the_run(run_dir, data_dir, t
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+def test_a_run_finds_its_data_from_any_working_directory(data_dir, tmp_path, capsys, monkeypatch):
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "data", "--run", "run", "--quiet"] + tiny_options(epochs=1)) == 0
+    saved = config_module.read_run_config(tmp_path / "run")
+    assert saved.data == str((tmp_path / "data").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert main(["train", "--run", str(tmp_path / "run"), "--resume", "--quiet", "--epochs", "2"]) == 0
+    # the same folder, spelled relative to this directory, is not a change of data
+    assert main(["train", "--run", str(tmp_path / "run"), "--resume", "--quiet", "--epochs", "3",
+                 "--data", "../data"]) == 0
+    assert config_module.read_run_config(tmp_path / "run").data == saved.data
+
+
+def test_a_run_that_saved_a_relative_data_folder_still_resumes_from_there(data_dir, tmp_path, capsys, monkeypatch):
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "data", "--run", "run", "--quiet"] + tiny_options(epochs=1)) == 0
+    config_file = tmp_path / "run" / "config.yaml"
+    config_file.write_text(config_file.read_text().replace(str((tmp_path / "data").resolve()), "data"))
+    assert config_module.read_run_config(tmp_path / "run").data == "data"  # as written before
+    assert main(["evaluate", "--run", "run", "--device", "cpu"]) == 0
+    assert main(["train", "--run", "run", "--resume", "--quiet", "--epochs", "2"]) == 0
+
+
 def test_evaluate_on_other_data_checks_the_catalogue_both_ways(run_dir, tmp_path, capsys):
     smaller = make_tiny_synthetic(tmp_path / "smaller")
     (smaller / "train.txt").write_text("1 2 3\n")
