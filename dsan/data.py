@@ -391,6 +391,8 @@ class SessionData:
     protocol: Protocol
     notes: list
     original_ids: np.ndarray | None = None  # the file's id of item k is original_ids[k - 1]; None: the same
+    dropped_test_clicks: int = 0  # test clicks on items never seen in training
+    test_samples_before_drop: int = 0  # the test samples those clicks would have given with the rest
 
     @classmethod
     def load(cls, directory, protocol: str | None = None) -> "SessionData":
@@ -443,7 +445,8 @@ class SessionData:
         if dropped_clicks:
             notes.append(f"{directory / 'test.txt'}: {dropped_clicks} clicks on {len(dropped_items)} items never "
                          "seen in training dropped (they cannot be ranked; the protocols drop them too)")
-        return cls(directory, train, kept_test, n_items, chosen, notes, original_ids)
+        return cls(directory, train, kept_test, n_items, chosen, notes, original_ids, dropped_clicks,
+                   count_prefix_samples(test, chosen.min_prefix) if dropped_clicks else 0)
 
     @property
     def catalogue(self) -> str:
@@ -464,16 +467,21 @@ class SessionData:
         """(train, valid): the latest `fraction` of training sessions (by line order) validate."""
         n_valid = int(round(len(self.train_sessions) * fraction))
         if n_valid == 0:
-            return self.train_sessions, []
+            raise DataError(f"{self.directory / 'train.txt'}: the validation split (the latest {fraction:g} of its "
+                            f"{len(self.train_sessions)} sessions) has no session: raise --valid-fraction, or train "
+                            "with --selection none (no validation)")
         return self.train_sessions[:-n_valid], self.train_sessions[-n_valid:]
 
     def samples(self, sessions, max_length: int, what: str) -> "PrefixSamples":
         """The prefix samples of `sessions` under this data's protocol; none at all is an error."""
         samples = PrefixSamples(sessions, self.protocol.min_prefix, max_length)
         if len(samples) == 0:
-            raise DataError(f"{self.directory}: the {what} yields no samples: none of its {len(sessions)} "
-                            f"sessions has more than {self.protocol.min_prefix} clicks (the {self.protocol.name} "
-                            f"protocol's shortest input)")
+            why = f"none of its {len(sessions)} sessions has more than"
+            if sessions is self.test_sessions and self.test_samples_before_drop:
+                why = (f"dropping its {self.dropped_test_clicks} clicks on items never seen in training left none of "
+                       f"its {len(sessions)} sessions with more than")
+            raise DataError(f"{self.directory}: the {what} yields no samples: {why} {self.protocol.min_prefix} clicks "
+                            f"(the {self.protocol.name} protocol's shortest input)")
         return samples
 
 

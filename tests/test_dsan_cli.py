@@ -149,6 +149,25 @@ def test_a_test_split_without_samples_is_an_error_not_zeros(data_dir, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_test_split_emptied_by_dropping_unseen_items_says_so(data_dir, tmp_path, capsys):
+    data = copy_data(data_dir, tmp_path / "data", test="8001 9001 7001\n9001 8001 7001 6001\n1 2\n", stats=False)
+    message = ("the test set (test.txt) yields no samples: dropping its 7 clicks on items never seen in training left "
+               "none of its 3 sessions with more than 2 clicks")
+    fails(["train", "--data", str(data), "--run", str(tmp_path / "run"), "--quiet"], capsys, message)
+    fails(["evaluate", "--model", "pop", "--data", str(data)], capsys, "the test split yields no samples: dropping its 7")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_split_of_no_session_suggests_the_options(data_dir, tmp_path, capsys):
+    data = copy_data(data_dir, tmp_path / "data", train="1 2 3 4\n4 3 2 1\n", test="1 2 3\n", stats=False)
+    message = ("train.txt: the validation split (the latest 0.1 of its 2 sessions) has no session: raise "
+               "--valid-fraction, or train with --selection none")
+    fails(["train", "--data", str(data), "--run", str(tmp_path / "run"), "--quiet"], capsys, message)
+    fails(["evaluate", "--model", "pop", "--data", str(data), "--split", "valid"], capsys, message)
+    assert not (tmp_path / "run").exists()
+    assert main(["evaluate", "--model", "pop", "--data", str(data)]) == 0  # the test split needs no validation
+
+
 def test_a_non_numeric_config_value_is_one_line(data_dir, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("lr: fast\n")
     fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml")],
