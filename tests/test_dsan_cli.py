@@ -175,6 +175,19 @@ def test_a_non_numeric_config_value_is_one_line(data_dir, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_option_errors_spell_the_option_as_typed(data_dir, tmp_path, capsys):
+    fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--max-length", "0"], capsys,
+          "error: --max-length must be >= 1, got 0")
+    fails(["tune", "--data", str(data_dir), "--out", str(tmp_path / "tune"), "--eval-batch-size", "0"], capsys,
+          "error: --eval-batch-size must be >= 1, got 0")
+    for value in ("0", "-1"):  # 0 was taken for the default, -1 gave metrics of no sample
+        fails(["evaluate", "--model", "pop", "--data", str(data_dir), "--batch-size", value], capsys,
+              f"error: --batch-size must be >= 1, got {value}")
+    fails(["evaluate", "--model", "pop", "--data", str(data_dir), "--split", "valid", "--valid-fraction", "5"], capsys,
+          "error: --valid-fraction must be < 1, got 5.0")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tune").exists()
+
+
 def test_data_without_stats_json_says_the_protocol_it_assumes_and_takes_another(data_dir, tmp_path, capsys):
     data = copy_data(data_dir, tmp_path / "data", stats=False)
     assert main(["train", "--data", str(data), "--run", str(tmp_path / "dsan"), "--quiet"] + tiny_options(epochs=1)
