@@ -159,6 +159,10 @@ class Trainer:
             self.saved_epoch = self.state["epoch"]
         except (KeyError, ValueError, TypeError) as e:
             raise RunError(f"{path}: no resumable training state ({type(e).__name__}: {e})") from None
+        if self.state["best_epoch"] is not None:  # the test loads it: a broken one fails now, not after the run changed
+            best = self.run_dir / "best.pt"
+            restore(self.model, load_checkpoint(best, map_location=self.device)["model"], best)
+            restore(self.model, checkpoint["model"], path)
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the (shuffled, length-bucketed) training samples."""

@@ -256,6 +256,15 @@ def test_checkpoint_model_args_that_describe_no_model_name_the_file(run_dir, tmp
           f"best.pt: its model_args do not describe a DSAN model ({message}")
 
 
+def test_resume_checks_the_selected_checkpoint_before_touching_the_run(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "best.pt").write_bytes((run / "best.pt").read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    fails(["train", "--run", str(run), "--resume", "--quiet"], capsys, "best.pt: not a readable dsan checkpoint")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # metrics.jsonl and train.log included
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(data_dir, tmp_path, capsys, monkeypatch):
     real_write_bytes = Path.write_bytes
 
