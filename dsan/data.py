@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, DsanError
 from .files import PARSER_LIMIT_ERRORS, parser_limit_reason, read_lines, write_atomically
 
 TEST_DAYS = 7
@@ -113,6 +113,7 @@ def count_prefix_samples(sessions, min_prefix: int) -> int:
 def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: dict) -> dict:
     """Writes train.txt, test.txt, stats.json: all three or none."""
     out_dir = Path(out_dir)
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # innermost first
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {
         "protocol": protocol.name,
@@ -127,11 +128,16 @@ def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: 
         "date_range": {k: info[k] for k in ("first_click_end", "last_click_end", "test_from")},
         "source": source,
     }
-    write_atomically({
-        out_dir / "train.txt": "".join(" ".join(map(str, s)) + "\n" for s in train),
-        out_dir / "test.txt": "".join(" ".join(map(str, s)) + "\n" for s in test),
-        out_dir / "stats.json": json.dumps(stats, indent=2) + "\n",
-    })
+    try:
+        write_atomically({
+            out_dir / "train.txt": "".join(" ".join(map(str, s)) + "\n" for s in train),
+            out_dir / "test.txt": "".join(" ".join(map(str, s)) + "\n" for s in test),
+            out_dir / "stats.json": json.dumps(stats, indent=2) + "\n",
+        })
+    except DsanError:
+        for folder in created:  # write_atomically left them empty: the failed command leaves nothing behind
+            folder.rmdir()
+        raise
     return stats
 
 

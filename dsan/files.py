@@ -39,7 +39,9 @@ def write_atomically(contents: dict) -> None:
         for tmp, path in temporaries:
             os.replace(tmp, path)
     except OSError as e:
-        raise DsanError(f"cannot write {e.filename or path}: {e.strerror or e} (nothing was changed)") from None
+        targets = {str(tmp): target for tmp, target in temporaries}  # name the file asked for, not its temporary
+        where = targets.get(str(e.filename), e.filename or path)
+        raise DsanError(f"cannot write {where}: {e.strerror or e} (nothing was changed)") from None
     finally:
         for tmp, _ in temporaries:
             tmp.unlink(missing_ok=True)

@@ -275,9 +275,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(data_dir, tmp_pat
         return real_write_bytes(path, data)
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes_on_a_full_disk)
-    fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--quiet"] + tiny_options(epochs=1),
-          capsys, "No space left on device (nothing was changed)")
+    err = fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--quiet"] + tiny_options(epochs=1),
+                capsys, "No space left on device (nothing was changed)")
+    assert f"cannot write {tmp_path / 'run' / 'best.pt'}: No space" in err  # the file asked for, not the temporary
     assert not list((tmp_path / "run").glob(".*tmp*")) and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_prepare_on_a_full_disk_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
+    real_write_text = Path.write_text
+
+    def write_text_on_a_full_disk(path, data, *args, **kwargs):
+        if path.name.startswith(".test.txt.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text_on_a_full_disk)
+    out = tmp_path / "new" / "data"
+    fails(["prepare", "synthetic", "--out", str(out), "--sessions", "300", "--items", "50"], capsys,
+          f"cannot write {out / 'test.txt'}: No space left on device (nothing was changed)")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    fails(["prepare", "synthetic", "--out", str(tmp_path / "kept"), "--sessions", "300", "--items", "50"], capsys,
+          "No space left on device")
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())
 
 
 def test_a_folder_that_cannot_be_created_is_one_line(tmp_path, capsys):
