@@ -154,7 +154,8 @@ def test_a_test_split_emptied_by_dropping_unseen_items_says_so(data_dir, tmp_pat
     message = ("the test set (test.txt) yields no samples: dropping its 7 clicks on items never seen in training left "
                "none of its 3 sessions with more than 2 clicks")
     fails(["train", "--data", str(data), "--run", str(tmp_path / "run"), "--quiet"], capsys, message)
-    fails(["evaluate", "--model", "pop", "--data", str(data)], capsys, "the test split yields no samples: dropping its 7")
+    fails(["evaluate", "--model", "pop", "--data", str(data)], capsys,
+          "the test split yields no samples: dropping its 7")
     assert not (tmp_path / "run").exists()
 
 

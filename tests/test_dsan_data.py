@@ -245,7 +245,8 @@ def test_an_id_beyond_int64_is_refused(tmp_path):
         read_session_file(path)
     # more digits than int() converts (4300): the same message, the id cut short
     path = write(tmp_path / "train.txt", "1 2 3\n4 1" + "0" * 4300 + " 5\n")
-    with pytest.raises(DataError, match=r"train.txt:2: item id 1000000000\S*\.\.\. \(4301 characters\) is beyond the 64-bit"):
+    with pytest.raises(DataError, match=r"train.txt:2: item id 1000000000\S*\.\.\. \(4301 characters\) is beyond "
+                                        "the 64-bit"):
         read_session_file(path)
     # leading zeros do not make an id large
     path = write(tmp_path / "train.txt", "1 2 3\n4 " + "0" * 5000 + "7 5\n")
