@@ -47,8 +47,10 @@ def restore(module, state_dict, path) -> None:
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: its tensors do not fit this model ({first[0][:200] if first else e})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torch's first line only announces the list ("Error(s) in loading state_dict for DSAN:")
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+        raise CheckpointError(f"{path}: its tensors do not fit this model ({detail[:200]})") from None
 
 
 def load_model(run_dir, which: str = "best", attention: str | None = None, map_location="cpu"):

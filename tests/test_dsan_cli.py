@@ -225,6 +225,7 @@ def test_a_session_of_a_hundred_thousand_clicks_keeps_its_most_recent_ones(data_
     (b"hello\n", "best.pt: not a readable dsan checkpoint"),  # the unpickler raises KeyError on it
     ("truncated", "best.pt: not a readable dsan checkpoint"),
     ("foreign", "best.pt: not a dsan checkpoint (expected the keys model, model_args)"),
+    ("wrong tensors", "best.pt: its tensors do not fit this model (size mismatch for item_embedding.weight: "),
 ])
 def test_corrupt_truncated_empty_or_foreign_checkpoints_are_named(run_dir, tmp_path, capsys, content, message):
     run = tmp_path / "run"
@@ -234,6 +235,11 @@ def test_corrupt_truncated_empty_or_foreign_checkpoints_are_named(run_dir, tmp_p
     elif content == "foreign":
         torch.save({"weights": torch.zeros(3)}, run / "foreign.pt")
         content = (run / "foreign.pt").read_bytes()
+    elif content == "wrong tensors":
+        best = torch.load(run / "best.pt", weights_only=True)
+        best["model"]["item_embedding.weight"] = torch.zeros(3, 16)
+        torch.save(dict(best, state={}, optimizer={}), run / "wrong.pt")
+        content = (run / "wrong.pt").read_bytes()
     (run / "best.pt").write_bytes(content)
     fails(["evaluate", "--run", str(run), "--device", "cpu"], capsys, message)
     (run / "last.pt").write_bytes(content)
