@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a foreign file can fail anywhere in the unpickler (KeyError, EOFError, ...)
         said = str(e).strip().split(". ")[0].splitlines()[0][:160] if str(e).strip() else ""
         reason = f": {said}" if said and isinstance(e, (RuntimeError, pickle.UnpicklingError, EOFError)) else ""

@@ -1,8 +1,10 @@
 import errno
 import json
+import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -261,6 +263,16 @@ def test_checkpoint_model_args_that_describe_no_model_name_the_file(run_dir, tmp
     torch.save(dict(best, model_args=dict(best["model_args"], **change)), run / "best.pt")
     fails(["evaluate", "--run", str(run), "--device", "cpu"], capsys,
           f"best.pt: its model_args do not describe a DSAN model ({message}")
+
+
+def test_a_plain_pickle_checkpoint_is_one_line_without_torch_warnings(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "best.pt").write_bytes(pickle.dumps({"model": 1, "model_args": 2}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fails(["evaluate", "--run", str(run), "--device", "cpu"], capsys, "best.pt: not a readable dsan checkpoint")
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]
 
 
 def test_resume_checks_the_selected_checkpoint_before_touching_the_run(run_dir, tmp_path, capsys):
