@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .files import write_atomically
 
 REQUIRED_KEYS = ("model", "model_args")
+MODEL_SIZES = ("n_items", "max_session_length", "embedding_dim")
 
 
 def save_checkpoint(state: dict, path) -> None:
@@ -30,7 +32,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a foreign file can fail anywhere in the unpickler (KeyError, EOFError, ...)
         said = str(e).strip().split(". ")[0].splitlines()[0][:160] if str(e).strip() else ""
         reason = f": {said}" if said and isinstance(e, (RuntimeError, pickle.UnpicklingError, EOFError)) else ""
@@ -46,8 +50,10 @@ def restore(module, state_dict, path) -> None:
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: its tensors do not fit this model ({first[0][:200] if first else e})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torch's first line only announces the list ("Error(s) in loading state_dict for DSAN:")
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+        raise CheckpointError(f"{path}: its tensors do not fit this model ({detail[:200]})") from None
 
 
 def load_model(run_dir, which: str = "best", attention: str | None = None, map_location="cpu"):
@@ -58,10 +64,16 @@ def load_model(run_dir, which: str = "best", attention: str | None = None, map_l
     state = load_checkpoint(path, map_location)
     try:
         args = dict(state["model_args"])
+        for name in MODEL_SIZES:  # checked here: torch would fail on a negative size with a RuntimeError
+            value = args.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if attention is not None:
             args["attention"] = attention
         model = DSAN(**args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError, ConfigError) as e:
+        if isinstance(e, ConfigError) and attention is not None:
+            raise  # the --attention the user gave, not the checkpoint's
         raise CheckpointError(f"{path}: its model_args do not describe a DSAN model ({e})") from None
     restore(model, state["model"], path)
     model.eval()

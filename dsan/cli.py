@@ -13,6 +13,7 @@ from .data import DEFAULT_PROTOCOL, SYNTHETIC_ITEMS, SYNTHETIC_SEED, SYNTHETIC_S
 from .errors import DsanError
 
 INTERRUPTED_STATUS = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+EVALUATE_FLAGS = {"eval_batch_size": "--batch-size"}  # evaluate's own spelling of a RunConfig option
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--valid-fraction", type=float, default=DEFAULTS.valid_fraction, metavar="X",
                           help="--model pop --split valid: the latest fraction of training sessions that validates "
                                "(default: %(default)s)")
-    add_options(evaluate, ["eval_batch_size", "device", "protocol"], flags={"eval_batch_size": "--batch-size"})
+    add_options(evaluate, ["eval_batch_size", "device", "protocol"], flags=EVALUATE_FLAGS)
 
     explain = _command(commands, "explain", "heat maps of one test session's attention (PNG)")
     explain.add_argument("--run", required=True, metavar="RUN", help="run directory (required)")
@@ -135,6 +136,8 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_popularity_on, evaluate_run, metrics_table
 
+    config_module.check_value("eval_batch_size", args.eval_batch_size, label=EVALUATE_FLAGS["eval_batch_size"])
+    config_module.check_value("valid_fraction", args.valid_fraction, config_module.COMMAND_LINE)
     batch_size = args.eval_batch_size or DEFAULTS.eval_batch_size
     if args.model == "pop":
         if not args.data:

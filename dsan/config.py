@@ -18,6 +18,7 @@ from pathlib import Path
 from .data import PROTOCOLS
 from .device import DEVICE_CHOICES
 from .errors import ConfigError, require_extra
+from .files import PARSER_LIMIT_ERRORS, parser_limit_reason
 from .evaluate import METRICS
 
 ATTENTION_NAMES = ("adaptive-entmax", "entmax-reference", "softmax", "entmax-bisect-lib")
@@ -93,6 +94,14 @@ DEFAULTS = RunConfig()
 KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
+COMMAND_LINE = "--"  # the `where` of options given on the command line
+
+
+def _label(name: str, where: str) -> str:
+    """How an error names an option: as its flag (--max-length) on the command line, else as its key."""
+    return f"--{name.replace('_', '-')}" if where == COMMAND_LINE else f"{where}{name}"
+
+
 def _coerce(name: str, value, where: str):
     """value as the field's type: YAML/JSON values or command-line strings; anything else is an error."""
     meta = FIELDS[name].metadata
@@ -100,7 +109,7 @@ def _coerce(name: str, value, where: str):
     if value is None:
         if FIELDS[name].default is None:
             return None
-        raise ConfigError(f"{where}{name}: expected {KIND_NAMES[kind]}, got nothing (null)")
+        raise ConfigError(f"{_label(name, where)}: expected {KIND_NAMES[kind]}, got nothing (null)")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -121,11 +130,11 @@ def _coerce(name: str, value, where: str):
                 pass
     elif isinstance(value, str):
         return value
-    raise ConfigError(f"{where}{name}: expected {KIND_NAMES[kind]}, got {value!r}")
+    raise ConfigError(f"{_label(name, where)}: expected {KIND_NAMES[kind]}, got {value!r}")
 
 
-def check_value(name: str, value, where: str = "") -> None:
-    """The field's allowed values (choices, range; attention names)."""
+def check_value(name: str, value, where: str = "", label: str | None = None) -> None:
+    """The field's allowed values (choices, range; attention names); `label` names a renamed flag."""
     meta = FIELDS[name].metadata
     if value is None:
         return
@@ -143,7 +152,7 @@ def check_value(name: str, value, where: str = "") -> None:
     elif name == "attention":
         problem = attention_problem(value)
     if problem:
-        raise ConfigError(f"{where}{name} {problem}, got {value!r}")
+        raise ConfigError(f"{label or _label(name, where)} {problem}, got {value!r}")
 
 
 def attention_problem(name: str) -> str | None:
@@ -190,6 +199,8 @@ def read_config_file(path) -> dict:
             values = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except PARSER_LIMIT_ERRORS as e:
+            raise ConfigError(f"{path}: unreadable JSON ({parser_limit_reason(e)})") from None
     else:
         yaml = require_extra("yaml")
         try:
@@ -198,6 +209,8 @@ def read_config_file(path) -> dict:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise ConfigError(f"{path}{'' if line is None else f':{line + 1}'}: not valid YAML: "
                               f"{getattr(e, 'problem', None) or e}") from None
+        except PARSER_LIMIT_ERRORS as e:
+            raise ConfigError(f"{path}: unreadable YAML ({parser_limit_reason(e)})") from None
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
@@ -210,7 +223,7 @@ def resolve(config_file=None, overrides=None, base: RunConfig | None = None) -> 
     if config_file:
         values.update(read_config_file(config_file))
     given = {name: value for name, value in (overrides or {}).items() if value is not None}
-    values.update(_validated(given, "--"))
+    values.update(_validated(given, COMMAND_LINE))
     config = RunConfig(**values)
     if config.refit and config.selection != "valid":
         raise ConfigError(f"refit retrains for the epoch count selected on validation: it needs selection valid, "
@@ -243,7 +256,7 @@ def read_run_config(run_dir) -> RunConfig:
     yaml = require_extra("yaml")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, *PARSER_LIMIT_ERRORS) as e:
         raise ConfigError(f"{path}: not a readable run configuration ({type(e).__name__})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: not a run configuration (expected a mapping)")

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
-from .files import read_lines, write_atomically
+from .errors import DataError, DsanError
+from .files import PARSER_LIMIT_ERRORS, parser_limit_reason, read_lines, write_atomically
 
 TEST_DAYS = 7
 SECONDS_PER_DAY = 86_400
@@ -46,6 +47,8 @@ SYNTHETIC_SESSIONS = 6000
 SYNTHETIC_ITEMS = 400
 SYNTHETIC_SEED = 1
 INT64_MAX = 2**63 - 1
+INT64_DIGITS = len(str(INT64_MAX))
+QUOTE_LIMIT = 80  # characters of a bad field or row that an error message repeats
 
 
 @dataclass
@@ -110,6 +113,7 @@ def count_prefix_samples(sessions, min_prefix: int) -> int:
 def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: dict) -> dict:
     """Writes train.txt, test.txt, stats.json: all three or none."""
     out_dir = Path(out_dir)
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # innermost first
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {
         "protocol": protocol.name,
@@ -124,15 +128,25 @@ def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: 
         "date_range": {k: info[k] for k in ("first_click_end", "last_click_end", "test_from")},
         "source": source,
     }
-    write_atomically({
-        out_dir / "train.txt": "".join(" ".join(map(str, s)) + "\n" for s in train),
-        out_dir / "test.txt": "".join(" ".join(map(str, s)) + "\n" for s in test),
-        out_dir / "stats.json": json.dumps(stats, indent=2) + "\n",
-    })
+    try:
+        write_atomically({
+            out_dir / "train.txt": "".join(" ".join(map(str, s)) + "\n" for s in train),
+            out_dir / "test.txt": "".join(" ".join(map(str, s)) + "\n" for s in test),
+            out_dir / "stats.json": json.dumps(stats, indent=2) + "\n",
+        })
+    except DsanError:
+        for folder in created:  # write_atomically left them empty: the failed command leaves nothing behind
+            folder.rmdir()
+        raise
     return stats
 
 
 # ---------------------------------------------------------------- raw readers
+
+
+def excerpt(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """text, or its first `limit` characters and its length: an error message stays one short line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _check_header(path, header, expected, sep_name):
@@ -146,27 +160,33 @@ def _raw_rows(path, expected, delimiter, fields_name):
     """(line number, row) of a delimited UTF-8 file with the header `expected`; blank lines
     skipped, rows with the wrong number of fields stop with the file and line."""
     reader = csv.reader((text for _, text in read_lines(path)), delimiter=delimiter)
-    _check_header(path, next(reader, None), expected, delimiter)
-    for row in reader:
-        line = reader.line_num
-        if not row:
-            continue
-        if len(row) != len(expected):
-            raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
-                            f"got {len(row)}: {row!r}")
-        yield line, row
+    try:
+        _check_header(path, next(reader, None), expected, delimiter)
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(expected):
+                raise DataError(f"{path}:{line}: expected {len(expected)} {fields_name} fields, "
+                                f"got {len(row)}: {excerpt(repr(row))}")
+            yield line, row
+    except csv.Error as e:  # e.g. a field beyond the csv module's size limit
+        raise DataError(f"{path}:{reader.line_num}: not readable as {fields_name} fields ({e})") from None
 
 
 def ascii_int(text: str) -> int:
     """A non-negative integer written in ASCII digits (no sign, '_', spaces or other scripts' digits)."""
     if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"{text!r} is not a number in ASCII digits")
-    return int(text)
+        raise ValueError(f"{excerpt(text)!r} is not a number in ASCII digits")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > sys.get_int_max_str_digits():  # int() would refuse it
+        raise ValueError(f"a number of {len(digits)} digits is too long")
+    return int(digits)
 
 
 def ascii_float(text: str) -> float:
     if not text.isascii():
-        raise ValueError(f"{text!r} is not an ASCII number")
+        raise ValueError(f"{excerpt(text)!r} is not an ASCII number")
     return float(text)
 
 
@@ -183,7 +203,7 @@ def read_diginetica(path, unsorted: bool = False) -> list[RawSession]:
             session, item, timeframe = ascii_int(row[0]), ascii_int(row[2]), ascii_int(row[3])
             day = dt.datetime.strptime(row[4], "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
         except ValueError as e:
-            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+            raise DataError(f"{path}:{line}: malformed row {excerpt(repr(row))} ({e})") from None
         clicks.setdefault(session, []).append((day, timeframe, len(clicks.get(session, ())), item))
     sessions = []
     for session, rows in clicks.items():
@@ -214,7 +234,7 @@ def read_retailrocket(path) -> list[RawSession]:
         try:
             views.append((ascii_int(row[1]), ascii_int(row[0]) / 1000.0, ascii_int(row[3])))
         except ValueError as e:
-            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+            raise DataError(f"{path}:{line}: malformed row {excerpt(repr(row))} ({e})") from None
     if not views:
         raise DataError(f"{path}: no view events")
     views.sort(key=lambda v: (v[0], v[1]))
@@ -236,7 +256,7 @@ def _read_retailrocket_sessions_tsv(path) -> list[RawSession]:
         try:
             time, item, session = ascii_float(row[0]), ascii_int(row[2]), ascii_int(row[3])
         except ValueError as e:
-            raise DataError(f"{path}:{line}: malformed row {row!r} ({e})") from None
+            raise DataError(f"{path}:{line}: malformed row {excerpt(repr(row))} ({e})") from None
         clicks.setdefault(session, []).append((time, item))
     if not clicks:
         raise DataError(f"{path}: no click rows after the header")
@@ -317,6 +337,11 @@ def read_session_file(path) -> list[list[int]]:
     plain = not raw.translate(None, SESSION_TEXT_BYTES)  # only digits, spaces and newlines: no check per field
     for line_number, line in enumerate(raw.decode("ascii").split("\n"), 1) if plain else read_lines(path):
         fields = line.split()
+        if not plain and not line.isascii():
+            column, character = next((i, c) for i, c in enumerate(line, 1) if not c.isascii())
+            if character.isspace():  # str.split() splits there too, so no field would look wrong
+                raise DataError(f"{path}:{line_number}: character U+{ord(character):04X} at column {column} is not "
+                                "an ASCII space or tab (ids are separated by spaces or tabs)")
         if not fields:
             if plain and line_number == raw.count(b"\n") + 1:
                 break  # what follows the last newline
@@ -324,6 +349,12 @@ def read_session_file(path) -> list[list[int]]:
         if not plain and not (line.isascii() and all(map(str.isdigit, fields))):
             bad = next(f for f in fields if not (f.isascii() and f.isdigit()))
             raise DataError(f"{path}:{line_number}: item id {bad[:40]!r} is not a positive integer in ASCII digits")
+        if max(map(len, fields)) > INT64_DIGITS:  # also keeps int() under its 4300-digit limit
+            fields = [f.lstrip("0") or "0" for f in fields]  # leading zeros do not make an id large
+            large = next((f for f in fields if len(f) > INT64_DIGITS), None)
+            if large is not None:
+                raise DataError(f"{path}:{line_number}: item id {excerpt(large, 40)} is beyond the 64-bit integer "
+                                "range")
         items = [int(x) for x in fields]
         largest = max(items)
         if largest > INT64_MAX:
@@ -339,11 +370,11 @@ def read_session_file(path) -> list[list[int]]:
 def read_stats(path) -> dict:
     """stats.json as `prepare` writes it: a JSON object with a known `protocol` and an integer `n_items`."""
     try:
-        stats = json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        stats = json.loads("".join(text for _, text in read_lines(path)))  # a BOM is dropped, bad bytes named
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except PARSER_LIMIT_ERRORS as e:
+        raise DataError(f"{path}: unreadable JSON ({parser_limit_reason(e)})") from None
     if not isinstance(stats, dict):
         raise DataError(f"{path}: expected a JSON object (as dsan prepare writes), got {type(stats).__name__}")
     if stats.get("protocol") not in PROTOCOLS:
@@ -366,6 +397,8 @@ class SessionData:
     protocol: Protocol
     notes: list
     original_ids: np.ndarray | None = None  # the file's id of item k is original_ids[k - 1]; None: the same
+    dropped_test_clicks: int = 0  # test clicks on items never seen in training
+    test_samples_before_drop: int = 0  # the test samples those clicks would have given with the rest
 
     @classmethod
     def load(cls, directory, protocol: str | None = None) -> "SessionData":
@@ -382,7 +415,7 @@ class SessionData:
         test = read_session_file(directory / "test.txt")
         notes = []
         stats_path = directory / "stats.json"
-        stats = read_stats(stats_path) if stats_path.is_file() else None
+        stats = read_stats(stats_path) if stats_path.exists() else None  # a folder of that name is an error
         if stats is not None:
             if protocol is not None and protocol != stats["protocol"]:
                 raise DataError(f"{stats_path}: the data was prepared under the {stats['protocol']} protocol; "
@@ -418,7 +451,8 @@ class SessionData:
         if dropped_clicks:
             notes.append(f"{directory / 'test.txt'}: {dropped_clicks} clicks on {len(dropped_items)} items never "
                          "seen in training dropped (they cannot be ranked; the protocols drop them too)")
-        return cls(directory, train, kept_test, n_items, chosen, notes, original_ids)
+        return cls(directory, train, kept_test, n_items, chosen, notes, original_ids, dropped_clicks,
+                   count_prefix_samples(test, chosen.min_prefix) if dropped_clicks else 0)
 
     @property
     def catalogue(self) -> str:
@@ -439,16 +473,21 @@ class SessionData:
         """(train, valid): the latest `fraction` of training sessions (by line order) validate."""
         n_valid = int(round(len(self.train_sessions) * fraction))
         if n_valid == 0:
-            return self.train_sessions, []
+            raise DataError(f"{self.directory / 'train.txt'}: the validation split (the latest {fraction:g} of its "
+                            f"{len(self.train_sessions)} sessions) has no session: raise --valid-fraction, or train "
+                            "with --selection none (no validation)")
         return self.train_sessions[:-n_valid], self.train_sessions[-n_valid:]
 
     def samples(self, sessions, max_length: int, what: str) -> "PrefixSamples":
         """The prefix samples of `sessions` under this data's protocol; none at all is an error."""
         samples = PrefixSamples(sessions, self.protocol.min_prefix, max_length)
         if len(samples) == 0:
-            raise DataError(f"{self.directory}: the {what} yields no samples: none of its {len(sessions)} "
-                            f"sessions has more than {self.protocol.min_prefix} clicks (the {self.protocol.name} "
-                            f"protocol's shortest input)")
+            why = f"none of its {len(sessions)} sessions has more than"
+            if sessions is self.test_sessions and self.test_samples_before_drop:
+                why = (f"dropping its {self.dropped_test_clicks} clicks on items never seen in training left none of "
+                       f"its {len(sessions)} sessions with more than")
+            raise DataError(f"{self.directory}: the {what} yields no samples: {why} {self.protocol.min_prefix} clicks "
+                            f"(the {self.protocol.name} protocol's shortest input)")
         return samples
 
 

@@ -125,11 +125,10 @@ def evaluate_popularity_on(data_dir, split: str, valid_fraction: float, protocol
     """(metrics, data notes) of the most-popular baseline; for the validation split it counts
     the training part only."""
     data = SessionData.load(data_dir, protocol)
-    train_sessions, valid_sessions = data.split_validation(valid_fraction)
     if split == "test":
         train_sessions, evaluated = data.train_sessions, data.test_sessions
     else:
-        evaluated = valid_sessions
+        train_sessions, evaluated = data.split_validation(valid_fraction)
     metrics = evaluate_popularity(data.samples(train_sessions, None, "training split"),
                                   data.samples(evaluated, None, f"{split} split"), data.n_items, batch_size)
     return metrics, data.notes

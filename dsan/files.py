@@ -7,6 +7,16 @@ from pathlib import Path
 
 from .errors import DataError, DsanError
 
+# What the JSON and YAML parsers raise, besides their own syntax errors, on text they cannot
+# represent: ValueError (an integer beyond int()'s 4300-digit limit, a date such as 2020-13-45)
+# or RecursionError (nesting deeper than Python's recursion limit).
+PARSER_LIMIT_ERRORS = (ValueError, RecursionError)
+
+
+def parser_limit_reason(e: Exception) -> str:
+    """The short reason of one of PARSER_LIMIT_ERRORS (without Python's advice on raising the limit)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+
 
 def write_atomically(contents: dict) -> None:
     """Writes {path: str | bytes | callable(tmp_path)} so that each file appears whole or not at all.
@@ -29,7 +39,9 @@ def write_atomically(contents: dict) -> None:
         for tmp, path in temporaries:
             os.replace(tmp, path)
     except OSError as e:
-        raise DsanError(f"cannot write {e.filename or path}: {e.strerror or e} (nothing was changed)") from None
+        targets = {str(tmp): target for tmp, target in temporaries}  # name the file asked for, not its temporary
+        where = targets.get(str(e.filename), e.filename or path)
+        raise DsanError(f"cannot write {where}: {e.strerror or e} (nothing was changed)") from None
     finally:
         for tmp, _ in temporaries:
             tmp.unlink(missing_ok=True)
@@ -46,12 +58,16 @@ def append_line(path, line: str) -> None:
 
 def read_lines(path):
     """(line number, text) of a UTF-8 text file; a leading byte-order mark is dropped, and bytes
-    that are not UTF-8 stop with the file, line and byte."""
+    that are not UTF-8 stop with the file, line and byte. Lines end with \\n or \\r\\n: a carriage
+    return alone (old Mac line ends) stops with the file and line."""
     path = Path(path)
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            if b"\r" in (raw[:-2] if raw.endswith(b"\r\n") else raw):
+                raise DataError(f"{path}:{number}: carriage return without a line feed (old Mac line ends are not "
+                                "supported; end lines with \\n or \\r\\n)")
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:

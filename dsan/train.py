@@ -51,13 +51,19 @@ def prepare_run(run_dir, config_file=None, overrides=None, resume: bool = False)
             raise RunError(f"--resume continues {run_dir} as configured in its config.yaml; "
                            + ", ".join(f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}" for name in changed)
                            + f" cannot change (only {', '.join(RESUMABLE)} can); start a new --run instead")
-        return config
+        return _with_absolute_data(config)
     if (run_dir / "last.pt").exists():
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run")
     config = resolve(config_file, overrides)
     if not config.data:
         raise RunError("--data DIR is required (a folder with train.txt and test.txt)")
-    return config
+    return _with_absolute_data(config)
+
+
+def _with_absolute_data(config: RunConfig) -> RunConfig:
+    """config.yaml keeps the data folder as an absolute path, so that --resume and evaluate work from
+    any working directory (a relative one saved by an older run resolves against the current one)."""
+    return dataclasses.replace(config, data=str(Path(config.data).resolve()))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -153,6 +159,10 @@ class Trainer:
             self.saved_epoch = self.state["epoch"]
         except (KeyError, ValueError, TypeError) as e:
             raise RunError(f"{path}: no resumable training state ({type(e).__name__}: {e})") from None
+        if self.state["best_epoch"] is not None:  # the test loads it: a broken one fails now, not after the run changed
+            best = self.run_dir / "best.pt"
+            restore(self.model, load_checkpoint(best, map_location=self.device)["model"], best)
+            restore(self.model, checkpoint["model"], path)
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the (shuffled, length-bucketed) training samples."""

@@ -1,8 +1,10 @@
 import errno
 import json
+import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -149,11 +151,44 @@ def test_a_test_split_without_samples_is_an_error_not_zeros(data_dir, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_test_split_emptied_by_dropping_unseen_items_says_so(data_dir, tmp_path, capsys):
+    data = copy_data(data_dir, tmp_path / "data", test="8001 9001 7001\n9001 8001 7001 6001\n1 2\n", stats=False)
+    message = ("the test set (test.txt) yields no samples: dropping its 7 clicks on items never seen in training left "
+               "none of its 3 sessions with more than 2 clicks")
+    fails(["train", "--data", str(data), "--run", str(tmp_path / "run"), "--quiet"], capsys, message)
+    fails(["evaluate", "--model", "pop", "--data", str(data)], capsys,
+          "the test split yields no samples: dropping its 7")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_split_of_no_session_suggests_the_options(data_dir, tmp_path, capsys):
+    data = copy_data(data_dir, tmp_path / "data", train="1 2 3 4\n4 3 2 1\n", test="1 2 3\n", stats=False)
+    message = ("train.txt: the validation split (the latest 0.1 of its 2 sessions) has no session: raise "
+               "--valid-fraction, or train with --selection none")
+    fails(["train", "--data", str(data), "--run", str(tmp_path / "run"), "--quiet"], capsys, message)
+    fails(["evaluate", "--model", "pop", "--data", str(data), "--split", "valid"], capsys, message)
+    assert not (tmp_path / "run").exists()
+    assert main(["evaluate", "--model", "pop", "--data", str(data)]) == 0  # the test split needs no validation
+
+
 def test_a_non_numeric_config_value_is_one_line(data_dir, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("lr: fast\n")
     fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml")],
           capsys, "c.yaml: lr: expected a number, got 'fast'")
     assert not (tmp_path / "run").exists()
+
+
+def test_option_errors_spell_the_option_as_typed(data_dir, tmp_path, capsys):
+    fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--max-length", "0"], capsys,
+          "error: --max-length must be >= 1, got 0")
+    fails(["tune", "--data", str(data_dir), "--out", str(tmp_path / "tune"), "--eval-batch-size", "0"], capsys,
+          "error: --eval-batch-size must be >= 1, got 0")
+    for value in ("0", "-1"):  # 0 was taken for the default, -1 gave metrics of no sample
+        fails(["evaluate", "--model", "pop", "--data", str(data_dir), "--batch-size", value], capsys,
+              f"error: --batch-size must be >= 1, got {value}")
+    fails(["evaluate", "--model", "pop", "--data", str(data_dir), "--split", "valid", "--valid-fraction", "5"], capsys,
+          "error: --valid-fraction must be < 1, got 5.0")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tune").exists()
 
 
 def test_data_without_stats_json_says_the_protocol_it_assumes_and_takes_another(data_dir, tmp_path, capsys):
@@ -192,6 +227,7 @@ def test_a_session_of_a_hundred_thousand_clicks_keeps_its_most_recent_ones(data_
     (b"hello\n", "best.pt: not a readable dsan checkpoint"),  # the unpickler raises KeyError on it
     ("truncated", "best.pt: not a readable dsan checkpoint"),
     ("foreign", "best.pt: not a dsan checkpoint (expected the keys model, model_args)"),
+    ("wrong tensors", "best.pt: its tensors do not fit this model (size mismatch for item_embedding.weight: "),
 ])
 def test_corrupt_truncated_empty_or_foreign_checkpoints_are_named(run_dir, tmp_path, capsys, content, message):
     run = tmp_path / "run"
@@ -201,12 +237,51 @@ def test_corrupt_truncated_empty_or_foreign_checkpoints_are_named(run_dir, tmp_p
     elif content == "foreign":
         torch.save({"weights": torch.zeros(3)}, run / "foreign.pt")
         content = (run / "foreign.pt").read_bytes()
+    elif content == "wrong tensors":
+        best = torch.load(run / "best.pt", weights_only=True)
+        best["model"]["item_embedding.weight"] = torch.zeros(3, 16)
+        torch.save(dict(best, state={}, optimizer={}), run / "wrong.pt")
+        content = (run / "wrong.pt").read_bytes()
     (run / "best.pt").write_bytes(content)
     fails(["evaluate", "--run", str(run), "--device", "cpu"], capsys, message)
     (run / "last.pt").write_bytes(content)
     config_before = (run / "config.yaml").read_bytes()
     fails(["train", "--run", str(run), "--resume", "--quiet"], capsys, message.replace("best.pt", "last.pt"))
     assert (run / "config.yaml").read_bytes() == config_before
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_items": -5}, "n_items must be a positive integer, got -5"),
+    ({"embedding_dim": 0}, "embedding_dim must be a positive integer, got 0"),
+    ({"max_session_length": "40"}, "max_session_length must be a positive integer, got '40'"),
+    ({"attention": "bogus"}, "attention must be one of adaptive-entmax"),
+])
+def test_checkpoint_model_args_that_describe_no_model_name_the_file(run_dir, tmp_path, capsys, change, message):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    best = torch.load(run / "best.pt", weights_only=True)
+    torch.save(dict(best, model_args=dict(best["model_args"], **change)), run / "best.pt")
+    fails(["evaluate", "--run", str(run), "--device", "cpu"], capsys,
+          f"best.pt: its model_args do not describe a DSAN model ({message}")
+
+
+def test_a_plain_pickle_checkpoint_is_one_line_without_torch_warnings(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "best.pt").write_bytes(pickle.dumps({"model": 1, "model_args": 2}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fails(["evaluate", "--run", str(run), "--device", "cpu"], capsys, "best.pt: not a readable dsan checkpoint")
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]
+
+
+def test_resume_checks_the_selected_checkpoint_before_touching_the_run(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "best.pt").write_bytes((run / "best.pt").read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    fails(["train", "--run", str(run), "--resume", "--quiet"], capsys, "best.pt: not a readable dsan checkpoint")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # metrics.jsonl and train.log included
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(data_dir, tmp_path, capsys, monkeypatch):
@@ -219,9 +294,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(data_dir, tmp_pat
         return real_write_bytes(path, data)
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes_on_a_full_disk)
-    fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--quiet"] + tiny_options(epochs=1),
-          capsys, "No space left on device (nothing was changed)")
+    err = fails(["train", "--data", str(data_dir), "--run", str(tmp_path / "run"), "--quiet"] + tiny_options(epochs=1),
+                capsys, "No space left on device (nothing was changed)")
+    assert f"cannot write {tmp_path / 'run' / 'best.pt'}: No space" in err  # the file asked for, not the temporary
     assert not list((tmp_path / "run").glob(".*tmp*")) and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_prepare_on_a_full_disk_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
+    real_write_text = Path.write_text
+
+    def write_text_on_a_full_disk(path, data, *args, **kwargs):
+        if path.name.startswith(".test.txt.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text_on_a_full_disk)
+    out = tmp_path / "new" / "data"
+    fails(["prepare", "synthetic", "--out", str(out), "--sessions", "300", "--items", "50"], capsys,
+          f"cannot write {out / 'test.txt'}: No space left on device (nothing was changed)")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    fails(["prepare", "synthetic", "--out", str(tmp_path / "kept"), "--sessions", "300", "--items", "50"], capsys,
+          "No space left on device")
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())
 
 
 def test_a_folder_that_cannot_be_created_is_one_line(tmp_path, capsys):
@@ -239,6 +334,35 @@ def test_resume_on_other_data_fails_before_touching_the_run(run_dir, data_dir, t
     fails(["train", "--run", str(run), "--resume", "--embedding-dim", "8", "--quiet"], capsys,
           "embedding_dim 16 -> 8 cannot change")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_run_finds_its_data_from_any_working_directory(data_dir, tmp_path, capsys, monkeypatch):
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "data", "--run", "run", "--quiet"] + tiny_options(epochs=1)) == 0
+    saved = config_module.read_run_config(tmp_path / "run")
+    assert saved.data == str((tmp_path / "data").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert main(["train", "--run", str(tmp_path / "run"), "--resume", "--quiet", "--epochs", "2"]) == 0
+    # the same folder, spelled relative to this directory, is not a change of data
+    assert main(["train", "--run", str(tmp_path / "run"), "--resume", "--quiet", "--epochs", "3",
+                 "--data", "../data"]) == 0
+    assert config_module.read_run_config(tmp_path / "run").data == saved.data
+
+
+def test_a_run_that_saved_a_relative_data_folder_still_resumes_from_there(data_dir, tmp_path, capsys, monkeypatch):
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "data", "--run", "run", "--quiet"] + tiny_options(epochs=1)) == 0
+    config_file = tmp_path / "run" / "config.yaml"
+    config_file.write_text(config_file.read_text().replace(str((tmp_path / "data").resolve()), "data"))
+    assert config_module.read_run_config(tmp_path / "run").data == "data"  # as written before
+    assert main(["evaluate", "--run", "run", "--device", "cpu"]) == 0
+    assert main(["train", "--run", "run", "--resume", "--quiet", "--epochs", "2"]) == 0
 
 
 def test_evaluate_on_other_data_checks_the_catalogue_both_ways(run_dir, tmp_path, capsys):

@@ -49,6 +49,25 @@ def test_json_config_files_and_their_errors(tmp_path):
         resolve(config_file)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("c.json", '{"epochs": 1' + "0" * 5000 + "}", r"c.json: unreadable JSON \(Exceeds the limit \(4300 digits\)"),
+    ("c.json", "[" * 100_000 + "]" * 100_000, r"c.json: unreadable JSON \(nested too deeply\)"),
+    ("c.yaml", "epochs: 1" + "0" * 5000 + "\n", r"c.yaml: unreadable YAML \(Exceeds the limit \(4300 digits\)"),
+    ("c.yaml", "[" * 100_000 + "]" * 100_000, r"c.yaml: unreadable YAML \(nested too deeply\)"),
+    ("c.yaml", "epochs: 2020-13-45\n", r"c.yaml: unreadable YAML \(month must be in 1..12\)"),
+])
+def test_config_files_beyond_the_parser_limits_are_named(tmp_path, name, text, message):
+    config_file = tmp_path / name
+    config_file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve(config_file)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="config.yaml: not a readable run configuration"):
+        read_run_config(run)
+
+
 def test_refit_needs_selection_on_validation():
     for selection in ("test", "none"):
         with pytest.raises(ConfigError, match="refit retrains for the epoch count selected on validation"):

@@ -201,6 +201,38 @@ def test_a_utf8_byte_order_mark_and_other_line_ends_are_accepted(tmp_path):
     assert read_diginetica(raw)[0].items == [10]
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u2003", "\u3000"])
+def test_a_non_ascii_space_between_ids_is_named_with_its_column(tmp_path, space):
+    path = write(tmp_path / "train.txt", f"1 2 3\n4{space}5 6\n")
+    with pytest.raises(DataError, match=rf"train.txt:2: character U\+{ord(space):04X} at column 2 is not an ASCII "
+                                        "space or tab"):
+        read_session_file(path)
+    with pytest.raises(DataError, match=rf"train.txt:2: character U\+{ord(space):04X} at column 1"):
+        read_session_file(write(tmp_path / "train.txt", f"1 2 3\n{space}\n"))
+
+
+def test_old_mac_line_ends_are_refused(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"1 2 3\r4 5 6\r")
+    with pytest.raises(DataError, match=r"train.txt:1: carriage return without a line feed \(old Mac line ends "
+                                        r"are not supported"):
+        read_session_file(path)
+    path.write_bytes(b"1 2 3\r\n4 5 6\r\n7 8\r9\r\n")
+    with pytest.raises(DataError, match=r"train.txt:3: carriage return without a line feed"):
+        read_session_file(path)
+    raw = tmp_path / "views.csv"
+    raw.write_bytes(b"session_id;user_id;item_id;timeframe;eventdate\r1;NA;10;100;2016-01-01\r")
+    with pytest.raises(DataError, match=r"views.csv:1: carriage return without a line feed"):
+        read_diginetica(raw)
+
+
+def test_a_raw_field_beyond_the_csv_size_limit_is_named(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n"
+                                         "1;NA;10;100;2016-01-01\n1;NA;" + "1" * 200_000 + ";100;2016-01-01\n")
+    with pytest.raises(DataError, match=r"views.csv:3: not readable as ';'-separated fields \(field larger"):
+        read_diginetica(raw)
+
+
 def test_unicode_digits_in_raw_files_are_refused_with_file_and_line(tmp_path):
     raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n1;NA;\u0661\u0662;100;2016-01-01\n")
     with pytest.raises(DataError, match=r"views.csv:2: malformed row .*ASCII digits"):
@@ -211,6 +243,22 @@ def test_an_id_beyond_int64_is_refused(tmp_path):
     path = write(tmp_path / "train.txt", "1 2 3\n4 100000000000000000000 5\n")
     with pytest.raises(DataError, match=r"train.txt:2: item id 100000000000000000000 is beyond the 64-bit"):
         read_session_file(path)
+    # more digits than int() converts (4300): the same message, the id cut short
+    path = write(tmp_path / "train.txt", "1 2 3\n4 1" + "0" * 4300 + " 5\n")
+    with pytest.raises(DataError, match=r"train.txt:2: item id 1000000000\S*\.\.\. \(4301 characters\) is beyond "
+                                        "the 64-bit"):
+        read_session_file(path)
+    # leading zeros do not make an id large
+    path = write(tmp_path / "train.txt", "1 2 3\n4 " + "0" * 5000 + "7 5\n")
+    assert read_session_file(path) == [[1, 2, 3], [4, 7, 5]]
+
+
+def test_a_malformed_raw_row_is_quoted_short(tmp_path):
+    raw = write(tmp_path / "views.csv", "session_id;user_id;item_id;timeframe;eventdate\n"
+                                         "1;NA;1" + "0" * 5000 + ";100;2016-01-01\n")
+    with pytest.raises(DataError, match=r"views.csv:2: malformed row") as error:
+        read_diginetica(raw)
+    assert len(str(error.value)) < 300, str(error.value)
 
 
 def data_folder(tmp_path, train, test, stats=None):
@@ -264,6 +312,25 @@ def test_stats_json_decides_the_protocol_and_must_be_well_formed(tmp_path):
         write(folder / "stats.json", text)
         with pytest.raises(DataError, match=message):
             SessionData.load(folder)
+
+
+def test_stats_json_beyond_the_parser_limits_bom_and_bytes(tmp_path):
+    folder = data_folder(tmp_path, "1 2 3\n3 2 1\n", "1 2 3\n")
+    for text, message in [('{"protocol": "dsan", "n_items": 1' + "0" * 5000 + "}",
+                           r"stats.json: unreadable JSON \(Exceeds the limit \(4300 digits\)"),
+                          ("[" * 100_000 + "]" * 100_000, r"stats.json: unreadable JSON \(nested too deeply\)")]:
+        write(folder / "stats.json", text)
+        with pytest.raises(DataError, match=message):
+            SessionData.load(folder)
+    (folder / "stats.json").write_bytes(b'\xef\xbb\xbf{"protocol": "srgnn", "n_items": 3}\n')  # a BOM, as elsewhere
+    assert SessionData.load(folder).protocol.name == "srgnn"
+    (folder / "stats.json").write_bytes(b'{"protocol": "srgnn",\n "n_items": \xff3}\n')
+    with pytest.raises(DataError, match=r"stats.json:2: not UTF-8 text \(byte 0xff at column 13\)"):
+        SessionData.load(folder)
+    (folder / "stats.json").unlink()
+    (folder / "stats.json").mkdir()  # not silently taken for a missing file
+    with pytest.raises(OSError, match="stats.json"):
+        SessionData.load(folder)
 
 
 def test_long_prefixes_keep_their_most_recent_clicks():
