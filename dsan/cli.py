@@ -10,9 +10,8 @@ import sys
 from . import config as config_module
 from .config import DEFAULTS, PROTOCOL_NAMES, add_options, given_options
 from .data import DEFAULT_PROTOCOL, SYNTHETIC_ITEMS, SYNTHETIC_SEED, SYNTHETIC_SESSIONS
-from .errors import DsanError
+from .errors import INTERRUPTED_STATUS, DsanError
 
-INTERRUPTED_STATUS = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 EVALUATE_FLAGS = {"eval_batch_size": "--batch-size"}  # evaluate's own spelling of a RunConfig option
 
 
@@ -185,7 +184,11 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .train import TrainingInterrupted
+    try:
+        from .train import TrainingInterrupted
+    except KeyboardInterrupt:
+        print(f"dsan {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
 
     try:
         COMMANDS[args.command](args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 EXTRA_HINT = 'pip install -e ".[dsan]" in a checkout, or pip install ".[dsan]"'
 
 

@@ -411,3 +411,15 @@ def test_pop_baseline_on_retailrocket_counts_every_test_sample(capsys):
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["samples"] == 15_132
     assert 0 < metrics["hr@20"] < 0.2  # popularity is a weak recommender on this catalogue
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
+    """The `dsan` command imports torch before any command runs; Ctrl-C there is one line too."""
+    import dsan.__main__ as entry
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "_load_main", interrupted)
+    assert entry.run() == INTERRUPTED_STATUS
+    assert capsys.readouterr().err.splitlines() == ["dsan: interrupted"]

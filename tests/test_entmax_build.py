@@ -365,7 +365,7 @@ def test_package_requires_only_torch_and_numpy_and_dsan_extras_are_optional():
     extras = project["optional-dependencies"]
     assert set(extras["dsan"]) == {"pyyaml", "tqdm", "matplotlib"}
     assert {"pytest", "entmax==1.3", "entmax-cuda[dsan]"} <= set(extras["test"])
-    assert project["scripts"]["dsan"] == "dsan.cli:main"
+    assert project["scripts"]["dsan"] == "dsan.__main__:run"
 
 
 def test_installed_version_is_the_packages():
