@@ -284,13 +284,8 @@ def table(results, device):
 
 
 def plot(results, device, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # noqa: BLE001
-        print(f"note: no plot ({e})", file=sys.stderr)
+    plt = common.pyplot()
+    if plt is None:
         return None
     if not results:
         return None

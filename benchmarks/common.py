@@ -285,6 +285,19 @@ def metadata_lines(meta):
 # ---------------------------------------------------------------- output
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or None with a note when it cannot be imported."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        print(f"note: no plot ({e})", file=sys.stderr)
+        return None
+    return plt
+
+
 def markdown_table(headers, rows):
     cells = [[str(c) for c in r] for r in rows]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

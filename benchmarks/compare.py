@@ -76,11 +76,9 @@ def table(runs, method):
 
 
 def plot(runs, method, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
+    if plt is None:
+        return None
     keys = cases(runs)
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.8 * len(keys) + 3), 8), sharex=True)
     markers = ["o", "s", "^", "D"]
@@ -108,6 +106,7 @@ def plot(runs, method, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def main(argv=None):
@@ -128,11 +127,8 @@ def main(argv=None):
     md = "\n".join(lines) + "\n\n" + table(runs, args.method) + "\n"
     (out / f"compare_{args.method}.md").write_text(md)
     print(md)
-    try:
-        plot(runs, args.method, out / f"compare_{args.method}.png")
-        print(f"wrote {out / f'compare_{args.method}.md'}, {out / f'compare_{args.method}.png'}")
-    except ImportError as e:
-        print(f"note: no plot ({e})", file=sys.stderr)
+    png = plot(runs, args.method, out / f"compare_{args.method}.png")
+    print(f"wrote {out / f'compare_{args.method}.md'}" + (f", {png}" if png else ""))
     return 0
 
 
