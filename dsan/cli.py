@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .demo import DEMO_EPOCHS
 
-    demo = _command(commands, "demo", "synthetic data -> train -> evaluate -> heat map, in minutes on a CPU")
+    demo = _command(commands, "demo", "synthetic data -> train -> evaluate -> heat map: a short run on the CPU")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="training epochs (default: %(default)s)")
     demo.add_argument("--attention", default=DEFAULTS.attention, metavar="NAME",

@@ -1,5 +1,5 @@
 """`dsan demo`: synthetic data -> training -> evaluation against the popularity baseline ->
-attention heat map, in a few minutes on a CPU."""
+attention heat map: a short run on the CPU."""
 
 from __future__ import annotations
 

@@ -95,8 +95,7 @@ bool weight_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, f
 
 // The sums of a float row entry by entry (alpha = 1 exactly, or a row holding a NaN,
 // which then propagates): float terms, float partial sums over kSumChunk entries flushed
-// into double, as in the vector loop. (Summed in float alone, a row of 50k entries at
-// alpha = 1 lost 4e-5 of its alpha-gradient.)
+// into double, as in the vector loop (long rows keep the alpha-gradient's float32 accuracy).
 BackwardSums<double> backward_sums_scalar_f32(const float* p, const float* dy, float* g, int64_t n, float eps,
                                               bool alpha_grad) {
   BackwardSums<double> total;
@@ -164,8 +163,8 @@ inline bool backward_sums_vector_f32(const float* p, const float* dy, float* g, 
 
 // Backward of one row: writes dX, returns dalpha (0 without alpha_grad).
 // acc_t = double: float64 rows, and float rows with alpha > 2, whose entries at the
-// support edge have huge weights g = p^(2 - alpha) (float terms lost the alpha-gradient's
-// last digits there).
+// support edge have huge weights g = p^(2 - alpha): float terms would underflow p^eps there
+// and cancel in the alpha-gradient's sums.
 template <typename scalar_t, typename acc_t>
 acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t n, int64_t stride, acc_t alpha,
                    bool alpha_grad, BackwardScratch<acc_t>& b) {
