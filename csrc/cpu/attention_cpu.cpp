@@ -359,6 +359,9 @@ template <typename scalar_t, typename acc_t>
 struct Problem {
   int64_t B, Hq, Hkv, group, Lq, Lk, D, Dv, nQ, nK, causal, offset;
   int64_t Dp, Dvp;  // head dims padded to whole vectors
+  // Keys per converted key tile: kBlockK, or Lk padded to whole vectors when shorter
+  // (short sequences: the tile copies and their zero padding shrink with them).
+  int64_t Bk;
   acc_t scale;
   View4<scalar_t> q, k, v;
   const acc_t* alpha;
@@ -368,6 +371,9 @@ struct Problem {
   View4<acc_t> add_mask;
 
   acc_t alpha_at(int64_t b, int64_t h, int64_t i) const { return alpha[b * as0 + h * as1 + i * as2]; }
+  // Score columns of key tile kt that hold keys, padded to whole vectors: the
+  // columns past them are padding (-inf scores, p = 0), so no loop visits them.
+  int64_t key_cols(int64_t kt) const { return padded_dim<acc_t>(std::min(kBlockK, Lk - kt * kBlockK)); }
   int64_t map_index(int64_t b, int64_t h, int64_t qt, int64_t kt) const { return ((b * Hq + h) * nQ + qt) * nK + kt; }
   int64_t stat_index(int64_t b, int64_t h, int64_t stat, int64_t i) const {
     return ((b * Hq + h) * kNumStats + stat) * Lq + i;
@@ -394,31 +400,33 @@ void load_rows(acc_t* dst, int64_t ld, int64_t rows_pad, const scalar_t* src, in
   }
 }
 
-// dst[c][r] = src(r, c) for r < rows, c < cols (a key tile transposed: [dim][key]),
-// keys r in [rows, kBlockK) zero.
+// dst[c][r] = src(r, c) for r < rows, c < cols (a key tile transposed: [dim][key],
+// ld keys a row), keys r in [rows, ld) zero.
 template <typename scalar_t, typename acc_t>
-void load_transposed(acc_t* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < kBlockK; ++r) {
+void load_transposed(acc_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t cs, int64_t rows,
+                     int64_t cols) {
+  for (int64_t r = 0; r < ld; ++r) {
     if (r < rows) {
       const scalar_t* s = src + r * rs;
-      for (int64_t c = 0; c < cols; ++c) dst[c * kBlockK + r] = static_cast<acc_t>(s[c * cs]);
+      for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c * cs]);
     } else {
-      for (int64_t c = 0; c < cols; ++c) dst[c * kBlockK + r] = acc_t(0);
+      for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = acc_t(0);
     }
   }
 }
 
-// Masks a score tile S[r][j] (rows given by their query index rows[r]): keys past
-// the causal limit or past Lk -> -inf, bool mask False -> -inf, additive mask added.
+// Masks the first n columns of a score tile S[r][j] (rows given by their query index
+// rows[r]): keys past the causal limit or past Lk -> -inf, bool mask False -> -inf,
+// additive mask added.
 template <typename scalar_t, typename acc_t>
-void mask_scores(acc_t* S, const int64_t* rows, int64_t n_rows, int64_t b, int64_t h, int64_t j0,
+void mask_scores(acc_t* S, const int64_t* rows, int64_t n_rows, int64_t n, int64_t b, int64_t h, int64_t j0,
                  const Problem<scalar_t, acc_t>& P) {
   const acc_t ninf = math::neg_inf<acc_t>();
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* s = S + r * kBlockK;
     const int64_t i = rows[r];
-    const int64_t limit = std::min<int64_t>(kBlockK, visible_keys(i, P.causal, P.offset, P.Lk) - j0);
-    for (int64_t j = std::max<int64_t>(limit, 0); j < kBlockK; ++j) s[j] = ninf;
+    const int64_t limit = std::min<int64_t>(n, visible_keys(i, P.causal, P.offset, P.Lk) - j0);
+    for (int64_t j = std::max<int64_t>(limit, 0); j < n; ++j) s[j] = ninf;
     if (P.mask_kind == kBoolMask) {
       const bool* m = P.bool_mask.row(b, h, i) + j0 * P.bool_mask.s3;
       const int64_t st = P.bool_mask.s3;
@@ -438,7 +446,7 @@ inline int64_t zigzag(int64_t x, int64_t n) { return (x % 2 == 0) ? x / 2 : n - 
 
 // Key and value tiles converted to acc_t once per call, in the layouts the tile
 // matmuls read: keys as columns [D][Bk], keys as rows [Bk][Dp], values as columns
-// [Dv][Bk], values as rows [Bk][Dvp]; keys past Lk are zero. A converted copy of
+// [Dv][Bk], values as rows [Bk][Dvp] (Bk = P.Bk); keys past Lk are zero. A converted copy of
 // k and v (linear in Lk): every pass over the key tiles reads them without
 // converting or transposing again.
 enum TileLayout { kKeysT = 0, kKeys = 1, kValuesT = 2, kValues = 3, kNumLayouts = 4 };
@@ -460,7 +468,7 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
   KeyTiles<acc_t> tiles;
   tiles.Hkv = P.Hkv;
   tiles.nK = P.nK;
-  const int64_t size[kNumLayouts] = {P.D * kBlockK, kBlockK * P.Dp, P.Dv * kBlockK, kBlockK * P.Dvp};
+  const int64_t size[kNumLayouts] = {P.D * P.Bk, P.Bk * P.Dp, P.Dv * P.Bk, P.Bk * P.Dvp};
   bool want[kNumLayouts] = {false, false, false, false};
   for (TileLayout l : layouts) want[l] = true;
   for (int l = 0; l < kNumLayouts; ++l) {
@@ -478,11 +486,11 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
       acc_t* dst = base + tile * tiles.stride;
       const scalar_t* k = P.k.row(b, hk, j0);
       const scalar_t* v = P.v.row(b, hk, j0);
-      if (want[kKeysT]) load_transposed(dst + tiles.offset[kKeysT], k, P.k.s2, P.k.s3, keys, P.D);
-      if (want[kKeys]) load_rows(dst + tiles.offset[kKeys], P.Dp, kBlockK, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
-      if (want[kValuesT]) load_transposed(dst + tiles.offset[kValuesT], v, P.v.s2, P.v.s3, keys, P.Dv);
+      if (want[kKeysT]) load_transposed(dst + tiles.offset[kKeysT], P.Bk, k, P.k.s2, P.k.s3, keys, P.D);
+      if (want[kKeys]) load_rows(dst + tiles.offset[kKeys], P.Dp, P.Bk, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
+      if (want[kValuesT]) load_transposed(dst + tiles.offset[kValuesT], P.Bk, v, P.v.s2, P.v.s3, keys, P.Dv);
       if (want[kValues])
-        load_rows(dst + tiles.offset[kValues], P.Dvp, kBlockK, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
+        load_rows(dst + tiles.offset[kValues], P.Dvp, P.Bk, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
     }
   });
   return tiles;
@@ -524,12 +532,13 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 
   // Pass 0: row max, unmasked count, NaN/+inf, candidates; block maxima.
   for (int64_t kt = 0; kt < n_kt; ++kt) {
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
-    mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
+    const int64_t cols = P.key_cols(kt);
+    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+    mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
     acc_t bmax = ninf;
     for (int64_t r = 0; r < n_rows; ++r) {
       const acc_t* s = w.S.data() + r * kBlockK;
-      const RowScan<acc_t> scan = scan_row(s, kBlockK);
+      const RowScan<acc_t> scan = scan_row(s, cols);
       w.row_max[r] = std::max(w.row_max[r], scan.max);
       w.count[r] += scan.count;
       w.bad[r] |= scan.bad;
@@ -539,7 +548,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
         cand.max_rejected = std::max(cand.max_rejected, scan.max);  // nothing here beats the kept scores
         continue;
       }
-      for (int64_t j = 0; j < kBlockK; ++j)
+      for (int64_t j = 0; j < cols; ++j)
         if (s[j] > ninf) cand.offer(s[j]);
     }
     w.block_max[kt] = bmax;
@@ -570,14 +579,14 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
         needed = !zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps);
       }
       if (!needed) continue;
-      gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_pending, kBlockK,
-           P.D);
-      mask_scores(w.S.data(), w.rows.data(), n_pending, b, h, kt * kBlockK, P);
+      const int64_t cols = P.key_cols(kt);
+      gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_pending, cols, P.D);
+      mask_scores(w.S.data(), w.rows.data(), n_pending, cols, b, h, kt * kBlockK, P);
       for (int64_t c = 0; c < n_pending; ++c) {
         const RowThreshold<acc_t>& th = w.th[w.pending[c]];
         if (zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps)) continue;
         acc_t f = 0, dz = 0;
-        row_entries<acc_t>(w.S.data() + c * kBlockK, w.Pt.data() + c * kBlockK, kBlockK, th.m, th.t(), th.eps,
+        row_entries<acc_t>(w.S.data() + c * kBlockK, w.Pt.data() + c * kBlockK, cols, th.m, th.t(), th.eps,
                            th.inv_eps, &f, &dz);
         w.F[c] += f;
         w.minus_dF[c] += dz;
@@ -605,22 +614,23 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     // A bad row's gradient is NaN wherever it can attend (the backward visits its blocks).
     map_row[kt] = (active || (any_bad && w.block_max[kt] > ninf)) ? 1 : 0;
     if (!active) continue;
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
-    mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
+    const int64_t cols = P.key_cols(kt);
+    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+    mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
     for (int64_t r = 0; r < n_rows; ++r) {
       const RowThreshold<acc_t>& th = w.th[r];
       acc_t* p = w.Pt.data() + r * kBlockK;
       const bool computing = th.computes();
       if (!computing || zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps)) {
-        std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * kBlockK);
+        std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * cols);
         continue;
       }
       acc_t f = 0, dz = 0;
-      row_entries<acc_t>(w.S.data() + r * kBlockK, p, kBlockK, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
+      row_entries<acc_t>(w.S.data() + r * kBlockK, p, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
       w.F[r] += f;
     }
     gemm_acc(w.O.data(), P.Dvp, w.Pt.data(), kBlockK, 1, tiles.get(kValues, b, hk, kt), P.Dvp, n_rows, P.Dvp,
-             kBlockK);
+             cols);
   }
 
   // Normalise by sum p and save the row statistics.
@@ -690,40 +700,40 @@ template <typename scalar_t, typename acc_t>
 void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
                     const KeyTiles<acc_t>& tiles, int64_t b, int64_t h, int64_t kt, int64_t n_rows, bool alpha_grad,
                     bool with_sums) {
-  const int64_t hk = h / P.group;
-  gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
-  mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
-  gemm(w.dP.data(), kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), kBlockK, n_rows, kBlockK, P.Dv);
+  const int64_t hk = h / P.group, cols = P.key_cols(kt);
+  gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+  mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+  gemm(w.dP.data(), kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), P.Bk, n_rows, cols, P.Dv);
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* p = w.P.data() + r * kBlockK;
     acc_t* g = w.G.data() + r * kBlockK;
     if (w.bad[r]) {  // NaN statistics: NaN gradients wherever the row attends
       const acc_t* s = w.S.data() + r * kBlockK;
-      for (int64_t j = 0; j < kBlockK; ++j)
+      for (int64_t j = 0; j < cols; ++j)
         p[j] = g[j] = s[j] > math::neg_inf<acc_t>() ? math::quiet_nan<acc_t>() : acc_t(0);
       continue;
     }
     if (w.row[r].empty) {
-      std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * kBlockK);
-      std::memset(static_cast<void*>(g), 0, sizeof(acc_t) * kBlockK);
+      std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * cols);
+      std::memset(static_cast<void*>(g), 0, sizeof(acc_t) * cols);
       continue;
     }
     BackwardSums<double> local;
     local.zero();
-    backward_row_entries<acc_t>(w.S.data() + r * kBlockK, w.dP.data() + r * kBlockK, p, g, kBlockK, w.row[r],
+    backward_row_entries<acc_t>(w.S.data() + r * kBlockK, w.dP.data() + r * kBlockK, p, g, cols, w.row[r],
                                 alpha_grad && with_sums, with_sums ? w.sums[r] : local);
   }
 }
 
-// dS = g (dP - q) in place of G.
+// dS = g (dP - q) in place of G, over the first cols columns.
 template <typename scalar_t, typename acc_t>
-void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows) {
+void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows, int64_t cols) {
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* g = w.G.data() + r * kBlockK;
     const acc_t* dp = w.dP.data() + r * kBlockK;
     const acc_t q = w.q[r];
 #pragma omp simd
-    for (int64_t j = 0; j < kBlockK; ++j) g[j] = g[j] * (dp[j] - q);
+    for (int64_t j = 0; j < cols; ++j) g[j] = g[j] * (dp[j] - q);
   }
 }
 
@@ -756,8 +766,8 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     if (!map_row[kt]) continue;
     backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
-    score_gradient(w, n_rows);
-    gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, tiles.get(kKeys, b, hk, kt), P.Dp, n_rows, P.Dp, kBlockK);
+    score_gradient(w, n_rows, P.key_cols(kt));
+    gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, tiles.get(kKeys, b, hk, kt), P.Dp, n_rows, P.Dp, P.key_cols(kt));
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     scalar_t* out = dq + ((b * P.Hq + h) * P.Lq + qt * kBlockQ + r) * P.D;
@@ -775,6 +785,7 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
                        int64_t b, int64_t hk, int64_t kt, scalar_t* dk, scalar_t* dv) {
   acc_t* dK = w.acc_d.data();
   acc_t* dV = w.acc_dv.data();
+  const int64_t cols = P.key_cols(kt);
   std::memset(static_cast<void*>(dK), 0, sizeof(acc_t) * kBlockK * P.Dp);
   std::memset(static_cast<void*>(dV), 0, sizeof(acc_t) * kBlockK * P.Dvp);
   for (int64_t g = 0; g < P.group; ++g) {
@@ -784,10 +795,10 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
       for (int64_t r = 0; r < n_rows; ++r) w.q[r] = q_rows[(b * P.Hq + h) * P.Lq + qt * kBlockQ + r];
       backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
-      score_gradient(w, n_rows);
-      // dV += P^T dO, dK += dS^T (scale q)
-      gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, kBlockK, P.Dvp, n_rows);
-      gemm_acc(dK, P.Dp, w.G.data(), 1, kBlockK, w.Q.data(), P.Dp, kBlockK, P.Dp, n_rows);
+      score_gradient(w, n_rows, cols);
+      // dV += P^T dO, dK += dS^T (scale q), for the key rows that hold keys
+      gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, cols, P.Dvp, n_rows);
+      gemm_acc(dK, P.Dp, w.G.data(), 1, kBlockK, w.Q.data(), P.Dp, cols, P.Dp, n_rows);
     }
   }
   const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
@@ -814,6 +825,7 @@ Problem<scalar_t, acc_t> make_problem(const Shape& s, const Tensor& q, const Ten
   P.offset = causal_offset(causal, s.Lq, s.Lk);
   P.Dp = padded_dim<acc_t>(s.D);
   P.Dvp = padded_dim<acc_t>(s.Dv);
+  P.Bk = std::min(kBlockK, padded_dim<acc_t>(s.Lk));
   P.scale = static_cast<acc_t>(scale);
   P.q = View4<scalar_t>(q);
   P.k = View4<scalar_t>(k);
