@@ -498,9 +498,17 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
 
 // ------------------------------------------------------------------ forward
 
+// A query tile that sees at most this many key tiles (short sequences, such as
+// DSAN's sessions) keeps its score tiles: the forward's threshold and output passes
+// read pass 0's, the backward's dQ loop those (and dP) of its first loop, instead of
+// recomputing them. A score is the same number in every pass (gemm_rows), so only
+// the cost changes. 64 KB of floats per thread and tile kind.
+constexpr int64_t kKeptScoreTiles = 4;
+
 template <typename scalar_t, typename acc_t>
 struct ForwardScratch {
   Buffer<acc_t> Q, Qc, S, Pt, O;
+  Buffer<acc_t> kept;  // kKeptScoreTiles score tiles [kt][row][key]
   std::vector<acc_t> block_max;
   std::vector<RowCandidates<acc_t, kCandidates>> cand;
   std::vector<RowThreshold<acc_t>> th;
@@ -510,7 +518,8 @@ struct ForwardScratch {
   std::vector<double> F, minus_dF;
   explicit ForwardScratch(const Problem<scalar_t, acc_t>& P)
       : Q(kBlockQ * P.Dp), Qc(kBlockQ * P.Dp), S(kBlockQ * kBlockK),
-        Pt(kBlockQ * kBlockK), O(kBlockQ * P.Dvp), block_max(P.nK), cand(kBlockQ), th(kBlockQ), row_max(kBlockQ),
+        Pt(kBlockQ * kBlockK), O(kBlockQ * P.Dvp), kept(kKeptScoreTiles * kBlockQ * kBlockK), block_max(P.nK),
+        cand(kBlockQ), th(kBlockQ), row_max(kBlockQ),
         count(kBlockQ), rows(kBlockQ), pending(kBlockQ), bad(kBlockQ), F(kBlockQ), minus_dF(kBlockQ) {}
 };
 
@@ -521,6 +530,9 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
   const acc_t ninf = math::neg_inf<acc_t>();
   const int64_t hk = h / P.group, i0 = qt * kBlockQ, n_rows = std::min<int64_t>(kBlockQ, P.Lq - i0);
   const int64_t n_kt = key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal);
+  const bool keep = n_kt <= kKeptScoreTiles;
+  // Score tile kt of pass 0: kept (rows r) when keep, else the one work tile.
+  auto pass0_scores = [&](int64_t kt) { return keep ? w.kept.data() + kt * kBlockQ * kBlockK : w.S.data(); };
   load_rows(w.Q.data(), P.Dp, kBlockQ, P.q.row(b, h, i0), P.q.s2, P.q.s3, n_rows, P.D, P.scale);
   for (int64_t r = 0; r < n_rows; ++r) {
     w.rows[r] = i0 + r;
@@ -533,11 +545,12 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
   // Pass 0: row max, unmasked count, NaN/+inf, candidates; block maxima.
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     const int64_t cols = P.key_cols(kt);
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
-    mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+    acc_t* S = pass0_scores(kt);
+    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+    mask_scores(S, w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
     acc_t bmax = ninf;
     for (int64_t r = 0; r < n_rows; ++r) {
-      const acc_t* s = w.S.data() + r * kBlockK;
+      const acc_t* s = S + r * kBlockK;
       const RowScan<acc_t> scan = scan_row(s, cols);
       w.row_max[r] = std::max(w.row_max[r], scan.max);
       w.count[r] += scan.count;
@@ -559,7 +572,8 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     any_bad |= w.th[r].kind == RowThreshold<acc_t>::kBad;
   }
 
-  // Threshold passes over the rows still iterating (their queries gathered into Qc).
+  // Threshold passes over the rows still iterating (scores kept, or recomputed from
+  // their queries gathered into Qc).
   for (;;) {
     int64_t n_pending = 0;
     for (int64_t r = 0; r < n_rows; ++r)
@@ -567,7 +581,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     if (n_pending == 0) break;
     for (int64_t c = 0; c < n_pending; ++c) {
       const int64_t r = w.pending[c];
-      std::memcpy(w.Qc.data() + c * P.Dp, w.Q.data() + r * P.Dp, sizeof(acc_t) * P.Dp);
+      if (!keep) std::memcpy(w.Qc.data() + c * P.Dp, w.Q.data() + r * P.Dp, sizeof(acc_t) * P.Dp);
       w.rows[c] = i0 + r;
       w.F[c] = 0;
       w.minus_dF[c] = 0;
@@ -580,14 +594,16 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       }
       if (!needed) continue;
       const int64_t cols = P.key_cols(kt);
-      gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_pending, cols, P.D);
-      mask_scores(w.S.data(), w.rows.data(), n_pending, cols, b, h, kt * kBlockK, P);
+      if (!keep) {
+        gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_pending, cols, P.D);
+        mask_scores(w.S.data(), w.rows.data(), n_pending, cols, b, h, kt * kBlockK, P);
+      }
       for (int64_t c = 0; c < n_pending; ++c) {
         const RowThreshold<acc_t>& th = w.th[w.pending[c]];
         if (zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps)) continue;
+        const acc_t* s = keep ? pass0_scores(kt) + w.pending[c] * kBlockK : w.S.data() + c * kBlockK;
         acc_t f = 0, dz = 0;
-        row_entries<acc_t>(w.S.data() + c * kBlockK, w.Pt.data() + c * kBlockK, cols, th.m, th.t(), th.eps,
-                           th.inv_eps, &f, &dz);
+        row_entries<acc_t>(s, w.Pt.data() + c * kBlockK, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
         w.F[c] += f;
         w.minus_dF[c] += dz;
       }
@@ -615,8 +631,11 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     map_row[kt] = (active || (any_bad && w.block_max[kt] > ninf)) ? 1 : 0;
     if (!active) continue;
     const int64_t cols = P.key_cols(kt);
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
-    mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+    const acc_t* S = pass0_scores(kt);
+    if (!keep) {
+      gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+      mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+    }
     for (int64_t r = 0; r < n_rows; ++r) {
       const RowThreshold<acc_t>& th = w.th[r];
       acc_t* p = w.Pt.data() + r * kBlockK;
@@ -626,7 +645,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
         continue;
       }
       acc_t f = 0, dz = 0;
-      row_entries<acc_t>(w.S.data() + r * kBlockK, p, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
+      row_entries<acc_t>(S + r * kBlockK, p, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
       w.F[r] += f;
     }
     gemm_acc(w.O.data(), P.Dvp, w.Pt.data(), kBlockK, 1, tiles.get(kValues, b, hk, kt), P.Dvp, n_rows, P.Dvp,
@@ -664,6 +683,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 template <typename scalar_t, typename acc_t>
 struct BackwardScratch {
   Buffer<acc_t> Q, dO, S, dP, P, G, acc_d, acc_dv;
+  Buffer<acc_t> kept_S, kept_dP;  // kKeptScoreTiles tiles of S and dP [kt][row][key]
   std::vector<BackwardRow<acc_t>> row;
   std::vector<acc_t> q;
   std::vector<char> bad;
@@ -672,8 +692,9 @@ struct BackwardScratch {
   explicit BackwardScratch(const Problem<scalar_t, acc_t>& P)
       : Q(kBlockQ * P.Dp), dO(kBlockQ * P.Dvp), S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P(kBlockQ * kBlockK),
         G(kBlockQ * kBlockK),
-        acc_d(std::max(kBlockQ, kBlockK) * P.Dp), acc_dv(kBlockK * P.Dvp), row(kBlockQ), q(kBlockQ), bad(kBlockQ),
-        rows(kBlockQ), sums(kBlockQ) {}
+        acc_d(std::max(kBlockQ, kBlockK) * P.Dp), acc_dv(kBlockK * P.Dvp),
+        kept_S(kKeptScoreTiles * kBlockQ * kBlockK), kept_dP(kKeptScoreTiles * kBlockQ * kBlockK), row(kBlockQ),
+        q(kBlockQ), bad(kBlockQ), rows(kBlockQ), sums(kBlockQ) {}
 };
 
 // Loads what a query tile contributes: scaled queries, dO, and each row's backward constants.
@@ -694,21 +715,24 @@ int64_t load_query_side(BackwardScratch<scalar_t, acc_t>& w, const Problem<scala
   return n_rows;
 }
 
-// S and dP of one block for the loaded query rows, then p_hat (P) and g (G) per row;
-// with sums != nullptr also the rows' backward sums.
+// S and dP of one block for the loaded query rows (into S and dP, unless they hold
+// them already: scores_ready), then p_hat (P) and g (G) per row; with_sums also the
+// rows' backward sums.
 template <typename scalar_t, typename acc_t>
 void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
                     const KeyTiles<acc_t>& tiles, int64_t b, int64_t h, int64_t kt, int64_t n_rows, bool alpha_grad,
-                    bool with_sums) {
+                    bool with_sums, acc_t* S, acc_t* dP, bool scores_ready) {
   const int64_t hk = h / P.group, cols = P.key_cols(kt);
-  gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
-  mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
-  gemm(w.dP.data(), kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), P.Bk, n_rows, cols, P.Dv);
+  if (!scores_ready) {
+    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+    mask_scores(S, w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+    gemm(dP, kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), P.Bk, n_rows, cols, P.Dv);
+  }
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* p = w.P.data() + r * kBlockK;
     acc_t* g = w.G.data() + r * kBlockK;
     if (w.bad[r]) {  // NaN statistics: NaN gradients wherever the row attends
-      const acc_t* s = w.S.data() + r * kBlockK;
+      const acc_t* s = S + r * kBlockK;
       for (int64_t j = 0; j < cols; ++j)
         p[j] = g[j] = s[j] > math::neg_inf<acc_t>() ? math::quiet_nan<acc_t>() : acc_t(0);
       continue;
@@ -720,17 +744,17 @@ void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t,
     }
     BackwardSums<double> local;
     local.zero();
-    backward_row_entries<acc_t>(w.S.data() + r * kBlockK, w.dP.data() + r * kBlockK, p, g, cols, w.row[r],
+    backward_row_entries<acc_t>(S + r * kBlockK, dP + r * kBlockK, p, g, cols, w.row[r],
                                 alpha_grad && with_sums, with_sums ? w.sums[r] : local);
   }
 }
 
 // dS = g (dP - q) in place of G, over the first cols columns.
 template <typename scalar_t, typename acc_t>
-void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows, int64_t cols) {
+void score_gradient(BackwardScratch<scalar_t, acc_t>& w, const acc_t* dP, int64_t n_rows, int64_t cols) {
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* g = w.G.data() + r * kBlockK;
-    const acc_t* dp = w.dP.data() + r * kBlockK;
+    const acc_t* dp = dP + r * kBlockK;
     const acc_t q = w.q[r];
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) g[j] = g[j] * (dp[j] - q);
@@ -738,7 +762,8 @@ void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows, int64_t
 }
 
 // Query-tile sweep: q_i and the alpha-gradient of each row (first loop over the
-// active blocks), then dQ (second loop, scores and dP recomputed).
+// active blocks), then dQ (second loop, scores and dP recomputed, or kept from the
+// first loop when the tile sees at most kKeptScoreTiles key tiles).
 template <typename scalar_t, typename acc_t>
 void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
                          const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats,
@@ -748,10 +773,13 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
   const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
   const int64_t n_kt = key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal);
   const uint8_t* map_row = block_map + P.map_index(b, h, qt, 0);
+  const bool keep = n_kt <= kKeptScoreTiles;
+  auto tile_S = [&](int64_t kt) { return keep ? w.kept_S.data() + kt * kBlockQ * kBlockK : w.S.data(); };
+  auto tile_dP = [&](int64_t kt) { return keep ? w.kept_dP.data() + kt * kBlockQ * kBlockK : w.dP.data(); };
   for (int64_t r = 0; r < n_rows; ++r) w.sums[r].zero();
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     if (!map_row[kt]) continue;
-    backward_block(w, P, tiles, b, h, kt, n_rows, alpha_grad, true);
+    backward_block(w, P, tiles, b, h, kt, n_rows, alpha_grad, true, tile_S(kt), tile_dP(kt), false);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t i = qt * kBlockQ + r;
@@ -765,8 +793,8 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
   std::memset(static_cast<void*>(dQ), 0, sizeof(acc_t) * kBlockQ * P.Dp);
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     if (!map_row[kt]) continue;
-    backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
-    score_gradient(w, n_rows, P.key_cols(kt));
+    backward_block(w, P, tiles, b, h, kt, n_rows, false, false, tile_S(kt), tile_dP(kt), keep);
+    score_gradient(w, tile_dP(kt), n_rows, P.key_cols(kt));
     gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, tiles.get(kKeys, b, hk, kt), P.Dp, n_rows, P.Dp, P.key_cols(kt));
   }
   for (int64_t r = 0; r < n_rows; ++r) {
@@ -794,8 +822,8 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       if (kt >= key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal) || !block_map[P.map_index(b, h, qt, kt)]) continue;
       const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
       for (int64_t r = 0; r < n_rows; ++r) w.q[r] = q_rows[(b * P.Hq + h) * P.Lq + qt * kBlockQ + r];
-      backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
-      score_gradient(w, n_rows, cols);
+      backward_block(w, P, tiles, b, h, kt, n_rows, false, false, w.S.data(), w.dP.data(), false);
+      score_gradient(w, w.dP.data(), n_rows, cols);
       // dV += P^T dO, dK += dS^T (scale q), for the key rows that hold keys
       gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, cols, P.Dvp, n_rows);
       gemm_acc(dK, P.Dp, w.G.data(), 1, kBlockK, w.Q.data(), P.Dp, cols, P.Dp, n_rows);
