@@ -72,6 +72,12 @@ constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(T));
 template <typename T>
 int64_t padded_dim(int64_t d) { return (d + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
+// Score columns of key tile kt that hold keys, padded to whole vectors: the columns
+// past them are padding (-inf scores, p = 0), so no loop visits them, and the
+// converted key tiles hold only these keys.
+template <typename T>
+int64_t key_tile_cols(int64_t Lk, int64_t kt) { return padded_dim<T>(std::min(kBlockK, Lk - kt * kBlockK)); }
+
 // ------------------------------------------------------------------ matmul
 
 template <typename T>
@@ -359,9 +365,6 @@ template <typename scalar_t, typename acc_t>
 struct Problem {
   int64_t B, Hq, Hkv, group, Lq, Lk, D, Dv, nQ, nK, causal, offset;
   int64_t Dp, Dvp;  // head dims padded to whole vectors
-  // Keys per converted key tile: kBlockK, or Lk padded to whole vectors when shorter
-  // (short sequences: the tile copies and their zero padding shrink with them).
-  int64_t Bk;
   acc_t scale;
   View4<scalar_t> q, k, v;
   const acc_t* alpha;
@@ -371,9 +374,7 @@ struct Problem {
   View4<acc_t> add_mask;
 
   acc_t alpha_at(int64_t b, int64_t h, int64_t i) const { return alpha[b * as0 + h * as1 + i * as2]; }
-  // Score columns of key tile kt that hold keys, padded to whole vectors: the
-  // columns past them are padding (-inf scores, p = 0), so no loop visits them.
-  int64_t key_cols(int64_t kt) const { return padded_dim<acc_t>(std::min(kBlockK, Lk - kt * kBlockK)); }
+  int64_t key_cols(int64_t kt) const { return key_tile_cols<acc_t>(Lk, kt); }
   int64_t map_index(int64_t b, int64_t h, int64_t qt, int64_t kt) const { return ((b * Hq + h) * nQ + qt) * nK + kt; }
   int64_t stat_index(int64_t b, int64_t h, int64_t stat, int64_t i) const {
     return ((b * Hq + h) * kNumStats + stat) * Lq + i;
@@ -446,20 +447,25 @@ inline int64_t zigzag(int64_t x, int64_t n) { return (x % 2 == 0) ? x / 2 : n - 
 
 // Key and value tiles converted to acc_t once per call, in the layouts the tile
 // matmuls read: keys as columns [D][Bk], keys as rows [Bk][Dp], values as columns
-// [Dv][Bk], values as rows [Bk][Dvp] (Bk = P.Bk); keys past Lk are zero. A converted copy of
-// k and v (linear in Lk): every pass over the key tiles reads them without
-// converting or transposing again.
+// [Dv][Bk], values as rows [Bk][Dvp], Bk = key_tile_cols (the last tile of a head
+// can be narrower); keys past Lk are zero. A converted copy of k and v (linear in
+// Lk): every pass over the key tiles reads them without converting or transposing again.
 enum TileLayout { kKeysT = 0, kKeys = 1, kValuesT = 2, kValues = 3, kNumLayouts = 4 };
 
 template <typename acc_t>
 struct KeyTiles {
   Tensor storage;
   const acc_t* base = nullptr;
-  int64_t Hkv = 0, nK = 0, stride = 0;
-  int64_t offset[kNumLayouts] = {0, 0, 0, 0};
-  const acc_t* get(TileLayout layout, int64_t b, int64_t hk, int64_t kt) const {
-    return base + ((b * Hkv + hk) * nK + kt) * stride + offset[layout];
+  int64_t Hkv = 0, Lk = 0, keys = 0;  // keys: the padded keys of one head, sum of its tiles' widths
+  int64_t per_key = 0;                // elements a key takes over the layouts held
+  int64_t offset[kNumLayouts] = {0, 0, 0, 0};  // per key: the layouts held before this one
+  // Tile kt of head (b, hk) starts at its first key, kt * kBlockK (every tile before
+  // it is kBlockK wide), and holds its layouts one after the other.
+  acc_t* tile(TileLayout layout, int64_t b, int64_t hk, int64_t kt) const {
+    return const_cast<acc_t*>(base) + ((b * Hkv + hk) * keys + kt * kBlockK) * per_key +
+           key_tile_cols<acc_t>(Lk, kt) * offset[layout];
   }
+  const acc_t* get(TileLayout layout, int64_t b, int64_t hk, int64_t kt) const { return tile(layout, b, hk, kt); }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -467,30 +473,31 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
                                   std::initializer_list<TileLayout> layouts) {
   KeyTiles<acc_t> tiles;
   tiles.Hkv = P.Hkv;
-  tiles.nK = P.nK;
-  const int64_t size[kNumLayouts] = {P.D * P.Bk, P.Bk * P.Dp, P.Dv * P.Bk, P.Bk * P.Dvp};
+  tiles.Lk = P.Lk;
+  tiles.keys = P.nK == 0 ? 0 : (P.nK - 1) * kBlockK + P.key_cols(P.nK - 1);
+  const int64_t width[kNumLayouts] = {P.D, P.Dp, P.Dv, P.Dvp};
   bool want[kNumLayouts] = {false, false, false, false};
   for (TileLayout l : layouts) want[l] = true;
   for (int l = 0; l < kNumLayouts; ++l) {
-    tiles.offset[l] = tiles.stride;
-    if (want[l]) tiles.stride += size[l];
+    tiles.offset[l] = tiles.per_key;
+    if (want[l]) tiles.per_key += width[l];
   }
   const int64_t n_tiles = P.B * P.Hkv * P.nK;
-  tiles.storage = torch::stable::new_empty(acc_like, {std::max<int64_t>(n_tiles * tiles.stride, 1)});
-  acc_t* base = tiles.storage.template mutable_data_ptr<acc_t>();
-  tiles.base = base;
+  tiles.storage =
+      torch::stable::new_empty(acc_like, {std::max<int64_t>(P.B * P.Hkv * tiles.keys * tiles.per_key, 1)});
+  tiles.base = tiles.storage.template mutable_data_ptr<acc_t>();
   torch::stable::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t kt = tile % P.nK, bh = tile / P.nK, b = bh / P.Hkv, hk = bh % P.Hkv;
-      const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
-      acc_t* dst = base + tile * tiles.stride;
+      const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0), cols = P.key_cols(kt);
       const scalar_t* k = P.k.row(b, hk, j0);
       const scalar_t* v = P.v.row(b, hk, j0);
-      if (want[kKeysT]) load_transposed(dst + tiles.offset[kKeysT], P.Bk, k, P.k.s2, P.k.s3, keys, P.D);
-      if (want[kKeys]) load_rows(dst + tiles.offset[kKeys], P.Dp, P.Bk, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
-      if (want[kValuesT]) load_transposed(dst + tiles.offset[kValuesT], P.Bk, v, P.v.s2, P.v.s3, keys, P.Dv);
+      if (want[kKeysT]) load_transposed(tiles.tile(kKeysT, b, hk, kt), cols, k, P.k.s2, P.k.s3, keys, P.D);
+      if (want[kKeys])
+        load_rows(tiles.tile(kKeys, b, hk, kt), P.Dp, cols, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
+      if (want[kValuesT]) load_transposed(tiles.tile(kValuesT, b, hk, kt), cols, v, P.v.s2, P.v.s3, keys, P.Dv);
       if (want[kValues])
-        load_rows(dst + tiles.offset[kValues], P.Dvp, P.Bk, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
+        load_rows(tiles.tile(kValues, b, hk, kt), P.Dvp, cols, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
     }
   });
   return tiles;
@@ -546,7 +553,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     const int64_t cols = P.key_cols(kt);
     acc_t* S = pass0_scores(kt);
-    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
     mask_scores(S, w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
     acc_t bmax = ninf;
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -595,7 +602,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       if (!needed) continue;
       const int64_t cols = P.key_cols(kt);
       if (!keep) {
-        gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_pending, cols, P.D);
+        gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_pending, cols, P.D);
         mask_scores(w.S.data(), w.rows.data(), n_pending, cols, b, h, kt * kBlockK, P);
       }
       for (int64_t c = 0; c < n_pending; ++c) {
@@ -633,7 +640,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     const int64_t cols = P.key_cols(kt);
     const acc_t* S = pass0_scores(kt);
     if (!keep) {
-      gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+      gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
       mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
     }
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -724,9 +731,9 @@ void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t,
                     bool with_sums, acc_t* S, acc_t* dP, bool scores_ready) {
   const int64_t hk = h / P.group, cols = P.key_cols(kt);
   if (!scores_ready) {
-    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), P.Bk, n_rows, cols, P.D);
+    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
     mask_scores(S, w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
-    gemm(dP, kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), P.Bk, n_rows, cols, P.Dv);
+    gemm(dP, kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), cols, n_rows, cols, P.Dv);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* p = w.P.data() + r * kBlockK;
@@ -853,7 +860,6 @@ Problem<scalar_t, acc_t> make_problem(const Shape& s, const Tensor& q, const Ten
   P.offset = causal_offset(causal, s.Lq, s.Lk);
   P.Dp = padded_dim<acc_t>(s.D);
   P.Dvp = padded_dim<acc_t>(s.Dv);
-  P.Bk = std::min(kBlockK, padded_dim<acc_t>(s.Lk));
   P.scale = static_cast<acc_t>(scale);
   P.q = View4<scalar_t>(q);
   P.k = View4<scalar_t>(k);
