@@ -691,6 +691,7 @@ template <typename scalar_t, typename acc_t>
 struct BackwardScratch {
   Buffer<acc_t> Q, dO, S, dP, P, G, acc_d, acc_dv;
   Buffer<acc_t> kept_S, kept_dP;  // kKeptScoreTiles tiles of S and dP [kt][row][key]
+  Buffer<acc_t> acc_dk;            // dK of one key tile in the query-tile sweep (query_tile_owns_keys)
   std::vector<BackwardRow<acc_t>> row;
   std::vector<acc_t> q;
   std::vector<char> bad;
@@ -700,8 +701,8 @@ struct BackwardScratch {
       : Q(kBlockQ * P.Dp), dO(kBlockQ * P.Dvp), S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P(kBlockQ * kBlockK),
         G(kBlockQ * kBlockK),
         acc_d(std::max(kBlockQ, kBlockK) * P.Dp), acc_dv(kBlockK * P.Dvp),
-        kept_S(kKeptScoreTiles * kBlockQ * kBlockK), kept_dP(kKeptScoreTiles * kBlockQ * kBlockK), row(kBlockQ),
-        q(kBlockQ), bad(kBlockQ), rows(kBlockQ), sums(kBlockQ) {}
+        kept_S(kKeptScoreTiles * kBlockQ * kBlockK), kept_dP(kKeptScoreTiles * kBlockQ * kBlockK),
+        acc_dk(kBlockK * P.Dp), row(kBlockQ), q(kBlockQ), bad(kBlockQ), rows(kBlockQ), sums(kBlockQ) {}
 };
 
 // Loads what a query tile contributes: scaled queries, dO, and each row's backward constants.
@@ -768,6 +769,34 @@ void score_gradient(BackwardScratch<scalar_t, acc_t>& w, const acc_t* dP, int64_
   }
 }
 
+// One query tile is the only one that reaches the keys of its head (Lq <= kBlockQ,
+// no key/value head shared by query heads): the query-tile sweep then also computes
+// dK and dV from its own P and dS tiles, with the key-tile sweep's sums, and that
+// sweep (a third recomputation of S and dP) is skipped.
+template <typename scalar_t, typename acc_t>
+bool query_tile_owns_keys(const Problem<scalar_t, acc_t>& P) { return P.nQ == 1 && P.group == 1; }
+
+// dV += P^T dO, dK += dS^T (scale q) of one block, for the key rows that hold keys.
+template <typename scalar_t, typename acc_t>
+void accumulate_key_gradients(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
+                              int64_t n_rows, int64_t cols, acc_t* dK, acc_t* dV) {
+  gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, cols, P.Dvp, n_rows);
+  gemm_acc(dK, P.Dp, w.G.data(), 1, kBlockK, w.Q.data(), P.Dp, cols, P.Dp, n_rows);
+}
+
+// Writes dK and dV of key tile kt of head (b, hk).
+template <typename scalar_t, typename acc_t>
+void store_key_gradients(const Problem<scalar_t, acc_t>& P, const acc_t* dK, const acc_t* dV, int64_t b, int64_t hk,
+                         int64_t kt, scalar_t* dk, scalar_t* dv) {
+  const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
+  for (int64_t j = 0; j < keys; ++j) {
+    scalar_t* ok = dk + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.D;
+    scalar_t* ov = dv + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.Dv;
+    for (int64_t d = 0; d < P.D; ++d) ok[d] = static_cast<scalar_t>(dK[j * P.Dp + d]);
+    for (int64_t d = 0; d < P.Dv; ++d) ov[d] = static_cast<scalar_t>(dV[j * P.Dvp + d]);
+  }
+}
+
 // Query-tile sweep: q_i and the alpha-gradient of each row (first loop over the
 // active blocks), then dQ (second loop, scores and dP recomputed, or kept from the
 // first loop when the tile sees at most kKeptScoreTiles key tiles).
@@ -775,7 +804,8 @@ template <typename scalar_t, typename acc_t>
 void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
                          const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats,
                          const uint8_t* block_map, bool alpha_grad,
-                         int64_t b, int64_t h, int64_t qt, scalar_t* dq, acc_t* q_rows, acc_t* dalpha) {
+                         int64_t b, int64_t h, int64_t qt, scalar_t* dq, acc_t* q_rows, acc_t* dalpha, scalar_t* dk,
+                         scalar_t* dv) {
   const int64_t hk = h / P.group;
   const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
   const int64_t n_kt = key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal);
@@ -803,6 +833,12 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
     backward_block(w, P, tiles, b, h, kt, n_rows, false, false, tile_S(kt), tile_dP(kt), keep);
     score_gradient(w, tile_dP(kt), n_rows, P.key_cols(kt));
     gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, tiles.get(kKeys, b, hk, kt), P.Dp, n_rows, P.Dp, P.key_cols(kt));
+    if (query_tile_owns_keys(P)) {
+      std::memset(static_cast<void*>(w.acc_dk.data()), 0, sizeof(acc_t) * kBlockK * P.Dp);
+      std::memset(static_cast<void*>(w.acc_dv.data()), 0, sizeof(acc_t) * kBlockK * P.Dvp);
+      accumulate_key_gradients(w, P, n_rows, P.key_cols(kt), w.acc_dk.data(), w.acc_dv.data());
+      store_key_gradients(P, w.acc_dk.data(), w.acc_dv.data(), b, hk, kt, dk, dv);
+    }
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     scalar_t* out = dq + ((b * P.Hq + h) * P.Lq + qt * kBlockQ + r) * P.D;
@@ -831,18 +867,10 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       for (int64_t r = 0; r < n_rows; ++r) w.q[r] = q_rows[(b * P.Hq + h) * P.Lq + qt * kBlockQ + r];
       backward_block(w, P, tiles, b, h, kt, n_rows, false, false, w.S.data(), w.dP.data(), false);
       score_gradient(w, w.dP.data(), n_rows, cols);
-      // dV += P^T dO, dK += dS^T (scale q), for the key rows that hold keys
-      gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, cols, P.Dvp, n_rows);
-      gemm_acc(dK, P.Dp, w.G.data(), 1, kBlockK, w.Q.data(), P.Dp, cols, P.Dp, n_rows);
+      accumulate_key_gradients(w, P, n_rows, cols, dK, dV);
     }
   }
-  const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
-  for (int64_t j = 0; j < keys; ++j) {
-    scalar_t* ok = dk + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.D;
-    scalar_t* ov = dv + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.Dv;
-    for (int64_t d = 0; d < P.D; ++d) ok[d] = static_cast<scalar_t>(dK[j * P.Dp + d]);
-    for (int64_t d = 0; d < P.Dv; ++d) ov[d] = static_cast<scalar_t>(dV[j * P.Dvp + d]);
-  }
+  store_key_gradients(P, dK, dV, b, hk, kt, dk, dv);
 }
 
 // ------------------------------------------------------------------ ops
@@ -938,10 +966,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& 
       BackwardScratch<scalar_t, acc_t> w(P);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / P.nQ, qt = zigzag(item % P.nQ, P.nQ);
-        backward_query_tile(w, P, tiles, dout, st, map, alpha_grad, bh / P.Hq, bh % P.Hq, qt, dqp, qr, da);
+        backward_query_tile(w, P, tiles, dout, st, map, alpha_grad, bh / P.Hq, bh % P.Hq, qt, dqp, qr, da, dkp,
+                            dvp);
       }
     });
-    if (P.Lk == 0) return;
+    if (P.Lk == 0 || query_tile_owns_keys(P)) return;  // dK, dV zero or written
     torch::stable::parallel_for(0, P.B * P.Hkv * P.nK, 1, [&](int64_t begin, int64_t end) {
       BackwardScratch<scalar_t, acc_t> w(P);
       for (int64_t item = begin; item < end; ++item) {
