@@ -509,7 +509,7 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
 // DSAN's sessions) keeps its score tiles: the forward's threshold and output passes
 // read pass 0's, the backward's dQ loop those (and dP) of its first loop, instead of
 // recomputing them. A score is the same number in every pass (gemm_rows), so only
-// the cost changes. 64 KB of floats per thread and tile kind.
+// the cost changes. 64 KB (float; 128 KB double) per thread and kept tile kind.
 constexpr int64_t kKeptScoreTiles = 4;
 
 template <typename scalar_t, typename acc_t>
