@@ -72,6 +72,12 @@ constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(T));
 template <typename T>
 int64_t padded_dim(int64_t d) { return (d + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
+// Score columns of key tile kt that hold keys, padded to whole vectors: the columns
+// past them are padding (-inf scores, p = 0), so no loop visits them, and the
+// converted key tiles hold only these keys.
+template <typename T>
+int64_t key_tile_cols(int64_t Lk, int64_t kt) { return padded_dim<T>(std::min(kBlockK, Lk - kt * kBlockK)); }
+
 // ------------------------------------------------------------------ matmul
 
 template <typename T>
@@ -368,6 +374,7 @@ struct Problem {
   View4<acc_t> add_mask;
 
   acc_t alpha_at(int64_t b, int64_t h, int64_t i) const { return alpha[b * as0 + h * as1 + i * as2]; }
+  int64_t key_cols(int64_t kt) const { return key_tile_cols<acc_t>(Lk, kt); }
   int64_t map_index(int64_t b, int64_t h, int64_t qt, int64_t kt) const { return ((b * Hq + h) * nQ + qt) * nK + kt; }
   int64_t stat_index(int64_t b, int64_t h, int64_t stat, int64_t i) const {
     return ((b * Hq + h) * kNumStats + stat) * Lq + i;
@@ -394,31 +401,33 @@ void load_rows(acc_t* dst, int64_t ld, int64_t rows_pad, const scalar_t* src, in
   }
 }
 
-// dst[c][r] = src(r, c) for r < rows, c < cols (a key tile transposed: [dim][key]),
-// keys r in [rows, kBlockK) zero.
+// dst[c][r] = src(r, c) for r < rows, c < cols (a key tile transposed: [dim][key],
+// ld keys a row), keys r in [rows, ld) zero.
 template <typename scalar_t, typename acc_t>
-void load_transposed(acc_t* dst, const scalar_t* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < kBlockK; ++r) {
+void load_transposed(acc_t* dst, int64_t ld, const scalar_t* src, int64_t rs, int64_t cs, int64_t rows,
+                     int64_t cols) {
+  for (int64_t r = 0; r < ld; ++r) {
     if (r < rows) {
       const scalar_t* s = src + r * rs;
-      for (int64_t c = 0; c < cols; ++c) dst[c * kBlockK + r] = static_cast<acc_t>(s[c * cs]);
+      for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c * cs]);
     } else {
-      for (int64_t c = 0; c < cols; ++c) dst[c * kBlockK + r] = acc_t(0);
+      for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = acc_t(0);
     }
   }
 }
 
-// Masks a score tile S[r][j] (rows given by their query index rows[r]): keys past
-// the causal limit or past Lk -> -inf, bool mask False -> -inf, additive mask added.
+// Masks the first n columns of a score tile S[r][j] (rows given by their query index
+// rows[r]): keys past the causal limit or past Lk -> -inf, bool mask False -> -inf,
+// additive mask added.
 template <typename scalar_t, typename acc_t>
-void mask_scores(acc_t* S, const int64_t* rows, int64_t n_rows, int64_t b, int64_t h, int64_t j0,
+void mask_scores(acc_t* S, const int64_t* rows, int64_t n_rows, int64_t n, int64_t b, int64_t h, int64_t j0,
                  const Problem<scalar_t, acc_t>& P) {
   const acc_t ninf = math::neg_inf<acc_t>();
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* s = S + r * kBlockK;
     const int64_t i = rows[r];
-    const int64_t limit = std::min<int64_t>(kBlockK, visible_keys(i, P.causal, P.offset, P.Lk) - j0);
-    for (int64_t j = std::max<int64_t>(limit, 0); j < kBlockK; ++j) s[j] = ninf;
+    const int64_t limit = std::min<int64_t>(n, visible_keys(i, P.causal, P.offset, P.Lk) - j0);
+    for (int64_t j = std::max<int64_t>(limit, 0); j < n; ++j) s[j] = ninf;
     if (P.mask_kind == kBoolMask) {
       const bool* m = P.bool_mask.row(b, h, i) + j0 * P.bool_mask.s3;
       const int64_t st = P.bool_mask.s3;
@@ -438,20 +447,25 @@ inline int64_t zigzag(int64_t x, int64_t n) { return (x % 2 == 0) ? x / 2 : n - 
 
 // Key and value tiles converted to acc_t once per call, in the layouts the tile
 // matmuls read: keys as columns [D][Bk], keys as rows [Bk][Dp], values as columns
-// [Dv][Bk], values as rows [Bk][Dvp]; keys past Lk are zero. A converted copy of
-// k and v (linear in Lk): every pass over the key tiles reads them without
-// converting or transposing again.
+// [Dv][Bk], values as rows [Bk][Dvp], Bk = key_tile_cols (the last tile of a head
+// can be narrower); keys past Lk are zero. A converted copy of k and v (linear in
+// Lk): every pass over the key tiles reads them without converting or transposing again.
 enum TileLayout { kKeysT = 0, kKeys = 1, kValuesT = 2, kValues = 3, kNumLayouts = 4 };
 
 template <typename acc_t>
 struct KeyTiles {
   Tensor storage;
   const acc_t* base = nullptr;
-  int64_t Hkv = 0, nK = 0, stride = 0;
-  int64_t offset[kNumLayouts] = {0, 0, 0, 0};
-  const acc_t* get(TileLayout layout, int64_t b, int64_t hk, int64_t kt) const {
-    return base + ((b * Hkv + hk) * nK + kt) * stride + offset[layout];
+  int64_t Hkv = 0, Lk = 0, keys = 0;  // keys: the padded keys of one head, sum of its tiles' widths
+  int64_t per_key = 0;                // elements a key takes over the layouts held
+  int64_t offset[kNumLayouts] = {0, 0, 0, 0};  // per key: the layouts held before this one
+  // Tile kt of head (b, hk) starts at its first key, kt * kBlockK (every tile before
+  // it is kBlockK wide), and holds its layouts one after the other.
+  acc_t* tile(TileLayout layout, int64_t b, int64_t hk, int64_t kt) const {
+    return const_cast<acc_t*>(base) + ((b * Hkv + hk) * keys + kt * kBlockK) * per_key +
+           key_tile_cols<acc_t>(Lk, kt) * offset[layout];
   }
+  const acc_t* get(TileLayout layout, int64_t b, int64_t hk, int64_t kt) const { return tile(layout, b, hk, kt); }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -459,30 +473,31 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
                                   std::initializer_list<TileLayout> layouts) {
   KeyTiles<acc_t> tiles;
   tiles.Hkv = P.Hkv;
-  tiles.nK = P.nK;
-  const int64_t size[kNumLayouts] = {P.D * kBlockK, kBlockK * P.Dp, P.Dv * kBlockK, kBlockK * P.Dvp};
+  tiles.Lk = P.Lk;
+  tiles.keys = P.nK == 0 ? 0 : (P.nK - 1) * kBlockK + P.key_cols(P.nK - 1);
+  const int64_t width[kNumLayouts] = {P.D, P.Dp, P.Dv, P.Dvp};
   bool want[kNumLayouts] = {false, false, false, false};
   for (TileLayout l : layouts) want[l] = true;
   for (int l = 0; l < kNumLayouts; ++l) {
-    tiles.offset[l] = tiles.stride;
-    if (want[l]) tiles.stride += size[l];
+    tiles.offset[l] = tiles.per_key;
+    if (want[l]) tiles.per_key += width[l];
   }
   const int64_t n_tiles = P.B * P.Hkv * P.nK;
-  tiles.storage = torch::stable::new_empty(acc_like, {std::max<int64_t>(n_tiles * tiles.stride, 1)});
-  acc_t* base = tiles.storage.template mutable_data_ptr<acc_t>();
-  tiles.base = base;
+  tiles.storage =
+      torch::stable::new_empty(acc_like, {std::max<int64_t>(P.B * P.Hkv * tiles.keys * tiles.per_key, 1)});
+  tiles.base = tiles.storage.template mutable_data_ptr<acc_t>();
   torch::stable::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t kt = tile % P.nK, bh = tile / P.nK, b = bh / P.Hkv, hk = bh % P.Hkv;
-      const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
-      acc_t* dst = base + tile * tiles.stride;
+      const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0), cols = P.key_cols(kt);
       const scalar_t* k = P.k.row(b, hk, j0);
       const scalar_t* v = P.v.row(b, hk, j0);
-      if (want[kKeysT]) load_transposed(dst + tiles.offset[kKeysT], k, P.k.s2, P.k.s3, keys, P.D);
-      if (want[kKeys]) load_rows(dst + tiles.offset[kKeys], P.Dp, kBlockK, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
-      if (want[kValuesT]) load_transposed(dst + tiles.offset[kValuesT], v, P.v.s2, P.v.s3, keys, P.Dv);
+      if (want[kKeysT]) load_transposed(tiles.tile(kKeysT, b, hk, kt), cols, k, P.k.s2, P.k.s3, keys, P.D);
+      if (want[kKeys])
+        load_rows(tiles.tile(kKeys, b, hk, kt), P.Dp, cols, k, P.k.s2, P.k.s3, keys, P.D, acc_t(1));
+      if (want[kValuesT]) load_transposed(tiles.tile(kValuesT, b, hk, kt), cols, v, P.v.s2, P.v.s3, keys, P.Dv);
       if (want[kValues])
-        load_rows(dst + tiles.offset[kValues], P.Dvp, kBlockK, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
+        load_rows(tiles.tile(kValues, b, hk, kt), P.Dvp, cols, v, P.v.s2, P.v.s3, keys, P.Dv, acc_t(1));
     }
   });
   return tiles;
@@ -490,9 +505,17 @@ KeyTiles<acc_t> prepare_key_tiles(const Problem<scalar_t, acc_t>& P, const Tenso
 
 // ------------------------------------------------------------------ forward
 
+// A query tile that sees at most this many key tiles (short sequences, such as
+// DSAN's sessions) keeps its score tiles: the forward's threshold and output passes
+// read pass 0's, the backward's dQ loop those (and dP) of its first loop, instead of
+// recomputing them. A score is the same number in every pass (gemm_rows), so only
+// the cost changes. 64 KB (float; 128 KB double) per thread and kept tile kind.
+constexpr int64_t kKeptScoreTiles = 4;
+
 template <typename scalar_t, typename acc_t>
 struct ForwardScratch {
   Buffer<acc_t> Q, Qc, S, Pt, O;
+  Buffer<acc_t> kept;  // kKeptScoreTiles score tiles [kt][row][key]
   std::vector<acc_t> block_max;
   std::vector<RowCandidates<acc_t, kCandidates>> cand;
   std::vector<RowThreshold<acc_t>> th;
@@ -502,7 +525,8 @@ struct ForwardScratch {
   std::vector<double> F, minus_dF;
   explicit ForwardScratch(const Problem<scalar_t, acc_t>& P)
       : Q(kBlockQ * P.Dp), Qc(kBlockQ * P.Dp), S(kBlockQ * kBlockK),
-        Pt(kBlockQ * kBlockK), O(kBlockQ * P.Dvp), block_max(P.nK), cand(kBlockQ), th(kBlockQ), row_max(kBlockQ),
+        Pt(kBlockQ * kBlockK), O(kBlockQ * P.Dvp), kept(kKeptScoreTiles * kBlockQ * kBlockK), block_max(P.nK),
+        cand(kBlockQ), th(kBlockQ), row_max(kBlockQ),
         count(kBlockQ), rows(kBlockQ), pending(kBlockQ), bad(kBlockQ), F(kBlockQ), minus_dF(kBlockQ) {}
 };
 
@@ -513,6 +537,9 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
   const acc_t ninf = math::neg_inf<acc_t>();
   const int64_t hk = h / P.group, i0 = qt * kBlockQ, n_rows = std::min<int64_t>(kBlockQ, P.Lq - i0);
   const int64_t n_kt = key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal);
+  const bool keep = n_kt <= kKeptScoreTiles;
+  // Score tile kt of pass 0: kept (rows r) when keep, else the one work tile.
+  auto pass0_scores = [&](int64_t kt) { return keep ? w.kept.data() + kt * kBlockQ * kBlockK : w.S.data(); };
   load_rows(w.Q.data(), P.Dp, kBlockQ, P.q.row(b, h, i0), P.q.s2, P.q.s3, n_rows, P.D, P.scale);
   for (int64_t r = 0; r < n_rows; ++r) {
     w.rows[r] = i0 + r;
@@ -524,12 +551,14 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 
   // Pass 0: row max, unmasked count, NaN/+inf, candidates; block maxima.
   for (int64_t kt = 0; kt < n_kt; ++kt) {
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
-    mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
+    const int64_t cols = P.key_cols(kt);
+    acc_t* S = pass0_scores(kt);
+    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
+    mask_scores(S, w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
     acc_t bmax = ninf;
     for (int64_t r = 0; r < n_rows; ++r) {
-      const acc_t* s = w.S.data() + r * kBlockK;
-      const RowScan<acc_t> scan = scan_row(s, kBlockK);
+      const acc_t* s = S + r * kBlockK;
+      const RowScan<acc_t> scan = scan_row(s, cols);
       w.row_max[r] = std::max(w.row_max[r], scan.max);
       w.count[r] += scan.count;
       w.bad[r] |= scan.bad;
@@ -539,7 +568,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
         cand.max_rejected = std::max(cand.max_rejected, scan.max);  // nothing here beats the kept scores
         continue;
       }
-      for (int64_t j = 0; j < kBlockK; ++j)
+      for (int64_t j = 0; j < cols; ++j)
         if (s[j] > ninf) cand.offer(s[j]);
     }
     w.block_max[kt] = bmax;
@@ -550,7 +579,8 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     any_bad |= w.th[r].kind == RowThreshold<acc_t>::kBad;
   }
 
-  // Threshold passes over the rows still iterating (their queries gathered into Qc).
+  // Threshold passes over the rows still iterating (scores kept, or recomputed from
+  // their queries gathered into Qc).
   for (;;) {
     int64_t n_pending = 0;
     for (int64_t r = 0; r < n_rows; ++r)
@@ -558,7 +588,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     if (n_pending == 0) break;
     for (int64_t c = 0; c < n_pending; ++c) {
       const int64_t r = w.pending[c];
-      std::memcpy(w.Qc.data() + c * P.Dp, w.Q.data() + r * P.Dp, sizeof(acc_t) * P.Dp);
+      if (!keep) std::memcpy(w.Qc.data() + c * P.Dp, w.Q.data() + r * P.Dp, sizeof(acc_t) * P.Dp);
       w.rows[c] = i0 + r;
       w.F[c] = 0;
       w.minus_dF[c] = 0;
@@ -570,15 +600,17 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
         needed = !zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps);
       }
       if (!needed) continue;
-      gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_pending, kBlockK,
-           P.D);
-      mask_scores(w.S.data(), w.rows.data(), n_pending, b, h, kt * kBlockK, P);
+      const int64_t cols = P.key_cols(kt);
+      if (!keep) {
+        gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_pending, cols, P.D);
+        mask_scores(w.S.data(), w.rows.data(), n_pending, cols, b, h, kt * kBlockK, P);
+      }
       for (int64_t c = 0; c < n_pending; ++c) {
         const RowThreshold<acc_t>& th = w.th[w.pending[c]];
         if (zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps)) continue;
+        const acc_t* s = keep ? pass0_scores(kt) + w.pending[c] * kBlockK : w.S.data() + c * kBlockK;
         acc_t f = 0, dz = 0;
-        row_entries<acc_t>(w.S.data() + c * kBlockK, w.Pt.data() + c * kBlockK, kBlockK, th.m, th.t(), th.eps,
-                           th.inv_eps, &f, &dz);
+        row_entries<acc_t>(s, w.Pt.data() + c * kBlockK, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
         w.F[c] += f;
         w.minus_dF[c] += dz;
       }
@@ -605,22 +637,26 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     // A bad row's gradient is NaN wherever it can attend (the backward visits its blocks).
     map_row[kt] = (active || (any_bad && w.block_max[kt] > ninf)) ? 1 : 0;
     if (!active) continue;
-    gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
-    mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
+    const int64_t cols = P.key_cols(kt);
+    const acc_t* S = pass0_scores(kt);
+    if (!keep) {
+      gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
+      mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+    }
     for (int64_t r = 0; r < n_rows; ++r) {
       const RowThreshold<acc_t>& th = w.th[r];
       acc_t* p = w.Pt.data() + r * kBlockK;
       const bool computing = th.computes();
       if (!computing || zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps)) {
-        std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * kBlockK);
+        std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * cols);
         continue;
       }
       acc_t f = 0, dz = 0;
-      row_entries<acc_t>(w.S.data() + r * kBlockK, p, kBlockK, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
+      row_entries<acc_t>(S + r * kBlockK, p, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
       w.F[r] += f;
     }
     gemm_acc(w.O.data(), P.Dvp, w.Pt.data(), kBlockK, 1, tiles.get(kValues, b, hk, kt), P.Dvp, n_rows, P.Dvp,
-             kBlockK);
+             cols);
   }
 
   // Normalise by sum p and save the row statistics.
@@ -654,6 +690,8 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 template <typename scalar_t, typename acc_t>
 struct BackwardScratch {
   Buffer<acc_t> Q, dO, S, dP, P, G, acc_d, acc_dv;
+  Buffer<acc_t> kept_S, kept_dP;  // kKeptScoreTiles tiles of S and dP [kt][row][key]
+  Buffer<acc_t> acc_dk;            // dK of one key tile in the query-tile sweep (query_tile_owns_keys)
   std::vector<BackwardRow<acc_t>> row;
   std::vector<acc_t> q;
   std::vector<char> bad;
@@ -662,8 +700,9 @@ struct BackwardScratch {
   explicit BackwardScratch(const Problem<scalar_t, acc_t>& P)
       : Q(kBlockQ * P.Dp), dO(kBlockQ * P.Dvp), S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P(kBlockQ * kBlockK),
         G(kBlockQ * kBlockK),
-        acc_d(std::max(kBlockQ, kBlockK) * P.Dp), acc_dv(kBlockK * P.Dvp), row(kBlockQ), q(kBlockQ), bad(kBlockQ),
-        rows(kBlockQ), sums(kBlockQ) {}
+        acc_d(std::max(kBlockQ, kBlockK) * P.Dp), acc_dv(kBlockK * P.Dvp),
+        kept_S(kKeptScoreTiles * kBlockQ * kBlockK), kept_dP(kKeptScoreTiles * kBlockQ * kBlockK),
+        acc_dk(kBlockK * P.Dp), row(kBlockQ), q(kBlockQ), bad(kBlockQ), rows(kBlockQ), sums(kBlockQ) {}
 };
 
 // Loads what a query tile contributes: scaled queries, dO, and each row's backward constants.
@@ -684,64 +723,100 @@ int64_t load_query_side(BackwardScratch<scalar_t, acc_t>& w, const Problem<scala
   return n_rows;
 }
 
-// S and dP of one block for the loaded query rows, then p_hat (P) and g (G) per row;
-// with sums != nullptr also the rows' backward sums.
+// S and dP of one block for the loaded query rows (into S and dP, unless they hold
+// them already: scores_ready), then p_hat (P) and g (G) per row; with_sums also the
+// rows' backward sums.
 template <typename scalar_t, typename acc_t>
 void backward_block(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
                     const KeyTiles<acc_t>& tiles, int64_t b, int64_t h, int64_t kt, int64_t n_rows, bool alpha_grad,
-                    bool with_sums) {
-  const int64_t hk = h / P.group;
-  gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), kBlockK, n_rows, kBlockK, P.D);
-  mask_scores(w.S.data(), w.rows.data(), n_rows, b, h, kt * kBlockK, P);
-  gemm(w.dP.data(), kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), kBlockK, n_rows, kBlockK, P.Dv);
+                    bool with_sums, acc_t* S, acc_t* dP, bool scores_ready) {
+  const int64_t hk = h / P.group, cols = P.key_cols(kt);
+  if (!scores_ready) {
+    gemm(S, kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
+    mask_scores(S, w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+    gemm(dP, kBlockK, w.dO.data(), P.Dvp, 1, tiles.get(kValuesT, b, hk, kt), cols, n_rows, cols, P.Dv);
+  }
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* p = w.P.data() + r * kBlockK;
     acc_t* g = w.G.data() + r * kBlockK;
     if (w.bad[r]) {  // NaN statistics: NaN gradients wherever the row attends
-      const acc_t* s = w.S.data() + r * kBlockK;
-      for (int64_t j = 0; j < kBlockK; ++j)
+      const acc_t* s = S + r * kBlockK;
+      for (int64_t j = 0; j < cols; ++j)
         p[j] = g[j] = s[j] > math::neg_inf<acc_t>() ? math::quiet_nan<acc_t>() : acc_t(0);
       continue;
     }
     if (w.row[r].empty) {
-      std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * kBlockK);
-      std::memset(static_cast<void*>(g), 0, sizeof(acc_t) * kBlockK);
+      std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * cols);
+      std::memset(static_cast<void*>(g), 0, sizeof(acc_t) * cols);
       continue;
     }
     BackwardSums<double> local;
     local.zero();
-    backward_row_entries<acc_t>(w.S.data() + r * kBlockK, w.dP.data() + r * kBlockK, p, g, kBlockK, w.row[r],
+    backward_row_entries<acc_t>(S + r * kBlockK, dP + r * kBlockK, p, g, cols, w.row[r],
                                 alpha_grad && with_sums, with_sums ? w.sums[r] : local);
   }
 }
 
-// dS = g (dP - q) in place of G.
+// dS = g (dP - q) in place of G, over the first cols columns.
 template <typename scalar_t, typename acc_t>
-void score_gradient(BackwardScratch<scalar_t, acc_t>& w, int64_t n_rows) {
+void score_gradient(BackwardScratch<scalar_t, acc_t>& w, const acc_t* dP, int64_t n_rows, int64_t cols) {
   for (int64_t r = 0; r < n_rows; ++r) {
     acc_t* g = w.G.data() + r * kBlockK;
-    const acc_t* dp = w.dP.data() + r * kBlockK;
+    const acc_t* dp = dP + r * kBlockK;
     const acc_t q = w.q[r];
 #pragma omp simd
-    for (int64_t j = 0; j < kBlockK; ++j) g[j] = g[j] * (dp[j] - q);
+    for (int64_t j = 0; j < cols; ++j) g[j] = g[j] * (dp[j] - q);
+  }
+}
+
+// One query tile is the only one that reaches the keys of its head (Lq <= kBlockQ,
+// no key/value head shared by query heads): the query-tile sweep then also computes
+// dK and dV from its own P and dS tiles, with the key-tile sweep's sums, and that
+// sweep (a third recomputation of S and dP) is skipped.
+template <typename scalar_t, typename acc_t>
+bool query_tile_owns_keys(const Problem<scalar_t, acc_t>& P) { return P.nQ == 1 && P.group == 1; }
+
+// dV += P^T dO, dK += dS^T (scale q) of one block, for the key rows that hold keys.
+template <typename scalar_t, typename acc_t>
+void accumulate_key_gradients(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
+                              int64_t n_rows, int64_t cols, acc_t* dK, acc_t* dV) {
+  gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, cols, P.Dvp, n_rows);
+  gemm_acc(dK, P.Dp, w.G.data(), 1, kBlockK, w.Q.data(), P.Dp, cols, P.Dp, n_rows);
+}
+
+// Writes dK and dV of key tile kt of head (b, hk).
+template <typename scalar_t, typename acc_t>
+void store_key_gradients(const Problem<scalar_t, acc_t>& P, const acc_t* dK, const acc_t* dV, int64_t b, int64_t hk,
+                         int64_t kt, scalar_t* dk, scalar_t* dv) {
+  const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
+  for (int64_t j = 0; j < keys; ++j) {
+    scalar_t* ok = dk + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.D;
+    scalar_t* ov = dv + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.Dv;
+    for (int64_t d = 0; d < P.D; ++d) ok[d] = static_cast<scalar_t>(dK[j * P.Dp + d]);
+    for (int64_t d = 0; d < P.Dv; ++d) ov[d] = static_cast<scalar_t>(dV[j * P.Dvp + d]);
   }
 }
 
 // Query-tile sweep: q_i and the alpha-gradient of each row (first loop over the
-// active blocks), then dQ (second loop, scores and dP recomputed).
+// active blocks), then dQ (second loop, scores and dP recomputed, or kept from the
+// first loop when the tile sees at most kKeptScoreTiles key tiles).
 template <typename scalar_t, typename acc_t>
 void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar_t, acc_t>& P,
                          const KeyTiles<acc_t>& tiles, const View4<scalar_t>& dout, const acc_t* stats,
                          const uint8_t* block_map, bool alpha_grad,
-                         int64_t b, int64_t h, int64_t qt, scalar_t* dq, acc_t* q_rows, acc_t* dalpha) {
+                         int64_t b, int64_t h, int64_t qt, scalar_t* dq, acc_t* q_rows, acc_t* dalpha, scalar_t* dk,
+                         scalar_t* dv) {
   const int64_t hk = h / P.group;
   const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
   const int64_t n_kt = key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal);
   const uint8_t* map_row = block_map + P.map_index(b, h, qt, 0);
+  const bool keep = n_kt <= kKeptScoreTiles;
+  auto tile_S = [&](int64_t kt) { return keep ? w.kept_S.data() + kt * kBlockQ * kBlockK : w.S.data(); };
+  auto tile_dP = [&](int64_t kt) { return keep ? w.kept_dP.data() + kt * kBlockQ * kBlockK : w.dP.data(); };
   for (int64_t r = 0; r < n_rows; ++r) w.sums[r].zero();
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     if (!map_row[kt]) continue;
-    backward_block(w, P, tiles, b, h, kt, n_rows, alpha_grad, true);
+    backward_block(w, P, tiles, b, h, kt, n_rows, alpha_grad, true, tile_S(kt), tile_dP(kt), false);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t i = qt * kBlockQ + r;
@@ -755,9 +830,15 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
   std::memset(static_cast<void*>(dQ), 0, sizeof(acc_t) * kBlockQ * P.Dp);
   for (int64_t kt = 0; kt < n_kt; ++kt) {
     if (!map_row[kt]) continue;
-    backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
-    score_gradient(w, n_rows);
-    gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, tiles.get(kKeys, b, hk, kt), P.Dp, n_rows, P.Dp, kBlockK);
+    backward_block(w, P, tiles, b, h, kt, n_rows, false, false, tile_S(kt), tile_dP(kt), keep);
+    score_gradient(w, tile_dP(kt), n_rows, P.key_cols(kt));
+    gemm_acc(dQ, P.Dp, w.G.data(), kBlockK, 1, tiles.get(kKeys, b, hk, kt), P.Dp, n_rows, P.Dp, P.key_cols(kt));
+    if (query_tile_owns_keys(P)) {
+      std::memset(static_cast<void*>(w.acc_dk.data()), 0, sizeof(acc_t) * kBlockK * P.Dp);
+      std::memset(static_cast<void*>(w.acc_dv.data()), 0, sizeof(acc_t) * kBlockK * P.Dvp);
+      accumulate_key_gradients(w, P, n_rows, P.key_cols(kt), w.acc_dk.data(), w.acc_dv.data());
+      store_key_gradients(P, w.acc_dk.data(), w.acc_dv.data(), b, hk, kt, dk, dv);
+    }
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     scalar_t* out = dq + ((b * P.Hq + h) * P.Lq + qt * kBlockQ + r) * P.D;
@@ -775,6 +856,7 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
                        int64_t b, int64_t hk, int64_t kt, scalar_t* dk, scalar_t* dv) {
   acc_t* dK = w.acc_d.data();
   acc_t* dV = w.acc_dv.data();
+  const int64_t cols = P.key_cols(kt);
   std::memset(static_cast<void*>(dK), 0, sizeof(acc_t) * kBlockK * P.Dp);
   std::memset(static_cast<void*>(dV), 0, sizeof(acc_t) * kBlockK * P.Dvp);
   for (int64_t g = 0; g < P.group; ++g) {
@@ -783,20 +865,12 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
       if (kt >= key_tiles_for_query_tile(qt, P.Lq, P.Lk, P.causal) || !block_map[P.map_index(b, h, qt, kt)]) continue;
       const int64_t n_rows = load_query_side(w, P, dout, stats, b, h, qt);
       for (int64_t r = 0; r < n_rows; ++r) w.q[r] = q_rows[(b * P.Hq + h) * P.Lq + qt * kBlockQ + r];
-      backward_block(w, P, tiles, b, h, kt, n_rows, false, false);
-      score_gradient(w, n_rows);
-      // dV += P^T dO, dK += dS^T (scale q)
-      gemm_acc(dV, P.Dvp, w.P.data(), 1, kBlockK, w.dO.data(), P.Dvp, kBlockK, P.Dvp, n_rows);
-      gemm_acc(dK, P.Dp, w.G.data(), 1, kBlockK, w.Q.data(), P.Dp, kBlockK, P.Dp, n_rows);
+      backward_block(w, P, tiles, b, h, kt, n_rows, false, false, w.S.data(), w.dP.data(), false);
+      score_gradient(w, w.dP.data(), n_rows, cols);
+      accumulate_key_gradients(w, P, n_rows, cols, dK, dV);
     }
   }
-  const int64_t j0 = kt * kBlockK, keys = std::min<int64_t>(kBlockK, P.Lk - j0);
-  for (int64_t j = 0; j < keys; ++j) {
-    scalar_t* ok = dk + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.D;
-    scalar_t* ov = dv + ((b * P.Hkv + hk) * P.Lk + j0 + j) * P.Dv;
-    for (int64_t d = 0; d < P.D; ++d) ok[d] = static_cast<scalar_t>(dK[j * P.Dp + d]);
-    for (int64_t d = 0; d < P.Dv; ++d) ov[d] = static_cast<scalar_t>(dV[j * P.Dvp + d]);
-  }
+  store_key_gradients(P, dK, dV, b, hk, kt, dk, dv);
 }
 
 // ------------------------------------------------------------------ ops
@@ -892,10 +966,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& 
       BackwardScratch<scalar_t, acc_t> w(P);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / P.nQ, qt = zigzag(item % P.nQ, P.nQ);
-        backward_query_tile(w, P, tiles, dout, st, map, alpha_grad, bh / P.Hq, bh % P.Hq, qt, dqp, qr, da);
+        backward_query_tile(w, P, tiles, dout, st, map, alpha_grad, bh / P.Hq, bh % P.Hq, qt, dqp, qr, da, dkp,
+                            dvp);
       }
     });
-    if (P.Lk == 0) return;
+    if (P.Lk == 0 || query_tile_owns_keys(P)) return;  // dK, dV zero or written
     torch::stable::parallel_for(0, P.B * P.Hkv * P.nK, 1, [&](int64_t begin, int64_t end) {
       BackwardScratch<scalar_t, acc_t> w(P);
       for (int64_t item = begin; item < end; ++item) {
