@@ -129,8 +129,10 @@ def evaluate_popularity_on(data_dir, split: str, valid_fraction: float, protocol
         train_sessions, evaluated = data.train_sessions, data.test_sessions
     else:
         train_sessions, evaluated = data.split_validation(valid_fraction)
+    # The baseline's scores ignore the input clicks: the evaluated prefixes keep only their last
+    # click, so that a very long session costs what a short one does.
     metrics = evaluate_popularity(data.samples(train_sessions, None, "training split"),
-                                  data.samples(evaluated, None, f"{split} split"), data.n_items, batch_size)
+                                  data.samples(evaluated, 1, f"{split} split"), data.n_items, batch_size)
     return metrics, data.notes
 
 

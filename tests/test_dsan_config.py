@@ -127,3 +127,12 @@ def test_the_defaults_are_the_appendix_setting():
     assert (DEFAULTS.lr, DEFAULTS.dropout, DEFAULTS.wk, DEFAULTS.batch_size, DEFAULTS.embedding_dim) == \
         (1e-3, 0.5, 20.0, 512, 100)
     assert isinstance(DEFAULTS, RunConfig) and DEFAULTS.max_length >= 285  # Retailrocket's longest session
+
+
+def test_config_file_encoding_is_named_like_the_data_files(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_bytes(b"\xef\xbb\xbfepochs: 3\nlr: 0.0\xff1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2: not UTF-8 text \(byte 0xff at column 8\)"):
+        resolve(config_file)
+    config_file.write_bytes(b"\xef\xbb\xbfepochs: 3\n")  # a byte-order mark is accepted
+    assert resolve(config_file).epochs == 3

@@ -53,3 +53,29 @@ def test_most_popular_baseline_ranks_by_training_counts():
     metrics = evaluate_popularity(train, test, n_items=3, batch_size=2)
     assert metrics["mrr@5"] == (1 + 1 / 2 + 1 / 3) / 3
     assert metrics["hr@5"] == 1.0
+
+
+def test_the_popularity_baseline_of_a_data_folder_reads_only_the_last_click(tmp_path, monkeypatch):
+    """Its scores ignore the inputs: the evaluated prefixes keep one click (a session of 10^5 clicks
+    costs what a short one does), and the metrics equal those over the full prefixes."""
+    from dsan import evaluate as evaluate_module
+    from testing import make_tiny_synthetic
+
+    data = make_tiny_synthetic(tmp_path / "data")
+    widths = []
+    original = PrefixSamples.batch
+
+    def batch(self, indices):
+        items, lengths, targets = original(self, indices)
+        widths.append(items.shape[1])
+        return items, lengths, targets
+
+    monkeypatch.setattr(PrefixSamples, "batch", batch)
+    metrics, _ = evaluate_module.evaluate_popularity_on(data, "test", 0.1, None, batch_size=64)
+    assert set(widths) == {1}
+    from dsan.data import SessionData
+
+    loaded = SessionData.load(data)
+    full = evaluate_popularity(loaded.samples(loaded.train_sessions, None, "training split"),
+                               loaded.samples(loaded.test_sessions, None, "test split"), loaded.n_items, 64)
+    assert metrics == full
