@@ -18,7 +18,7 @@ from pathlib import Path
 from .data import PROTOCOLS
 from .device import DEVICE_CHOICES
 from .errors import ConfigError, require_extra
-from .files import PARSER_LIMIT_ERRORS, parser_limit_reason
+from .files import BYTE_ORDER_MARK, PARSER_LIMIT_ERRORS, parser_limit_reason, utf8_text
 from .evaluate import METRICS
 
 ATTENTION_NAMES = ("adaptive-entmax", "entmax-reference", "softmax", "entmax-bisect-lib")
@@ -191,13 +191,9 @@ def read_config_file(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     raw = path.read_bytes()
-    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a byte-order mark is accepted
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:  # named as the data files name it: line, byte and column
-        line, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                          f"{e.start - line_start + 1})") from None
+    if raw.startswith(BYTE_ORDER_MARK):
+        raw = raw[len(BYTE_ORDER_MARK):]
+    text = utf8_text(path, raw, error=ConfigError)
     if path.suffix == ".json":
         try:
             values = json.loads(text)

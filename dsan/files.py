@@ -56,6 +56,20 @@ def append_line(path, line: str) -> None:
         raise DsanError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+BYTE_ORDER_MARK = b"\xef\xbb\xbf"  # UTF-8's; accepted at the start of every text file dsan reads
+
+
+def utf8_text(path, raw: bytes, first_line: int = 1, error=DataError) -> str:
+    """raw (lines first_line, ... of path) decoded as UTF-8; a byte that is not stops with the
+    file, line, byte and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column})") from None
+
+
 def read_lines(path):
     """(line number, text) of a UTF-8 text file; a leading byte-order mark is dropped, and bytes
     that are not UTF-8 stop with the file, line and byte. Lines end with \\n or \\r\\n: a carriage
@@ -63,13 +77,9 @@ def read_lines(path):
     path = Path(path)
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+            if number == 1 and raw.startswith(BYTE_ORDER_MARK):
+                raw = raw[len(BYTE_ORDER_MARK):]
             if b"\r" in (raw[:-2] if raw.endswith(b"\r\n") else raw):
                 raise DataError(f"{path}:{number}: carriage return without a line feed (old Mac line ends are not "
                                 "supported; end lines with \\n or \\r\\n)")
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1})") from None
+            yield number, utf8_text(path, raw, number)
