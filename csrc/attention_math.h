@@ -19,7 +19,6 @@ using math::RootFinder;
 using math::abs_;
 using math::entry_at_t;
 using math::exp_;
-using math::kMaxRootIterations;
 using math::log_;
 using math::max_;
 using math::neg_inf;
@@ -147,14 +146,14 @@ template <typename T>
 ENTMAX_HD T subset_threshold(const T* u, int n, T eps) {
   const T inv_eps = T(1) / eps;
   RootFinder<T> rf(threshold_upper_bound(eps, static_cast<T>(n)), eps);
-  for (int it = 0;; ++it) {
+  for (;;) {
     T F = 0, minus_dF = 0;
     for (int j = 0; j < n; ++j) {
       const EntryAtT<T> e = score_entry(u[j], rf.t, eps, inv_eps);
       F += e.p;
       minus_dF += e.p_over_z;
     }
-    if (rf.update(F, -minus_dF) || it + 1 >= kMaxRootIterations) break;
+    if (rf.update(F, -minus_dF)) break;  // (also at the iteration cap)
   }
   return rf.t;
 }
@@ -165,17 +164,20 @@ ENTMAX_HD T subset_threshold(const T* u, int n, T eps) {
 // (NaN or +inf score, alpha NaN, < 1 or inf), an all-masked row, a softmax row
 // (eps = 0: any t works, the output is normalised; t = 0), and a row whose
 // candidate subset provably holds its whole support. The others iterate:
-// each pass evaluates F(t) = sum p and F'(t) at t() over all key tiles and
-// calls update(). The iteration runs in the shifted variable t - lo, lo the
+// each threshold pass evaluates F(t) = sum p and F'(t) at t() over all key tiles
+// and calls update(). The iteration runs in the shifted variable t - lo, lo the
 // subset's threshold, so RootFinder starts at lo with bracket [lo, upper].
-// A row is ready when the evaluation at t() is the last one RootFinder needs:
-// that evaluation is the output pass itself.
+// A row is ready when its finder is done, or predicts that the next evaluation is
+// final: that evaluation is the output pass, whose F and F' go to check_output().
+// If the finder does not accept them (the prediction failed: the residual there is
+// above tolerance), the row iterates again and the output pass is repeated, so every
+// output comes from an evaluation the finder accepted.
 template <typename T>
 struct RowThreshold {
   enum Kind { kIterate = 0, kBad = 1, kEmpty = 2, kSettled = 3 };
   T eps, inv_eps, m, lo;
   RootFinder<T> rf;
-  int evaluations;
+  int evaluations;  // threshold and output passes that evaluated the row
   int kind;
   bool ready;
 
@@ -217,16 +219,26 @@ struct RowThreshold {
     ready = false;
     const T upper = threshold_upper_bound(eps, static_cast<T>(d)) - lo;
     rf = RootFinder<T>(upper > T(0) ? upper : T(0), eps);
+    rf.origin = lo;
   }
 
   // The threshold to evaluate next (and, once ready, the final one).
   ENTMAX_HD T t() const { return lo + rf.t; }
 
-  // F = sum_j p_j(t()), dF = -sum_j p_j/z_j, over the whole row.
+  // A threshold pass: F = sum_j p_j(t()), dF = -sum_j p_j/z_j, over the whole row.
   ENTMAX_HD void update(T F, T dF) {
     ++evaluations;
-    const bool final_evaluation = rf.update(F, dF);
-    ready = final_evaluation || rf.last || evaluations + 1 >= kMaxRootIterations;
+    ready = rf.update(F, dF) || rf.expect_final;
+  }
+
+  // The output pass's F and dF at t() (every computing row). Returns whether its output
+  // stands: false when an iterating row's finder does not accept the evaluation (the row
+  // is then pending again and the output pass must be repeated).
+  ENTMAX_HD bool check_output(T F, T dF) {
+    if (computes()) ++evaluations;
+    if (kind != kIterate) return true;
+    ready = rf.update(F, dF);
+    return ready;
   }
 };
 

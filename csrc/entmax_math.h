@@ -68,40 +68,55 @@ struct LibMath {
   template <typename T> ENTMAX_HD static T expm1(T x, T /*z*/) { return expm1_(x); }
 };
 
-// Stopping rules of the root finder (section 3): once a Newton step is this
-// small (relative to max(1, |t|)) we are in the quadratic regime, take it and
-// evaluate once more; a bisection bracket this narrow is final as it is.
+// Stopping rules of the root finder (section 3). The iteration ends only on the residual
+// or on the bracket, never on a step's size: every p_i moves the same way with t, so
+// sum_i |p_i(t) - p_i(t*)| = |F(t) - 1|, and the normalised output p(t)/F(t) is within
+// |F(t) - 1| of the answer (section 3 of docs/entmax-math.md).
+//   residual:  |F - 1| this small ends the iteration (the evaluation at t is the answer);
+//   bracket:   a bracket narrower than this share of |t| (1 to 2 ulps), or than
+//              bracket_floor, ends it too: t is then as good as this arithmetic can place
+//              it (long rows of small spread cannot reach `residual` in float32: F moves
+//              by about the support size times eps ulps between neighbouring t);
+//   newton_residual / halley_residual: from a residual this small, a Newton (Halley)
+//              step of a row whose F is convex (alpha <= 2) is expected to land within
+//              `residual` (its error is about |F - 1|^2, |F - 1|^3 after Halley). That
+//              only predicts the final evaluation (the fused attention does its output
+//              pass there) and allows the extrapolated last step; the residual at the
+//              new point still decides.
+//   settled:   a float32 row whose iteration ended on the bracket with a residual above
+//              this is not resolved in float32 (t's rounding alone moves F by more): the
+//              kernels solve it again in double (see RootFinder::settled);
+//   series_limit: below this |eps * ln p| the alpha-gradient's r term uses its series
+//              (whose truncation error, 2 x^9 / 11!, is < 1 ulp there); above it the
+//              direct (expm1(x) - x)/eps^2 has lost < 1 ulp to cancellation.
 template <typename T> struct Tolerance;
-// A residual |F - 1| this small is final too: every p_i moves the same way
-// with t, so sum_i |p_i(t) - p_i(t*)| = |F(t) - 1| bounds the error directly.
-// series_limit: below this |eps * ln p| the alpha-gradient's r term uses its
-// series (whose truncation error, 2 x^9 / 11!, is < 1 ulp there); above it the
-// direct (expm1(x) - x)/eps^2 has lost < 1 ulp to cancellation.
 template <> struct Tolerance<float> {
   static constexpr float series_limit = 1.0f;
-  static constexpr float newton_switch = 3e-5f;
-  // step(): once |F - 1| is this small, the next step lands within `residual` (its error
-  // is about |F - 1|^2 after a Newton step, |F - 1|^3 after a Halley step): take it and
-  // evaluate once more.
   static constexpr float newton_residual = 3e-5f;
   static constexpr float halley_residual = 1e-3f;
-  static constexpr float bracket = 4.8e-7f;   // 4 float32 ulps at 1
-  static constexpr float residual = 2.4e-7f;  // 2 float32 ulps at 1
+  static constexpr float bracket = 1.1920929e-7f;        // 2^-23
+  static constexpr float bracket_floor = 9.094947e-13f;  // 2^-40
+  static constexpr float residual = 2.4e-7f;             // 2 float32 ulps at 1
+  static constexpr float settled = 4.8e-7f;              // 4 float32 ulps at 1
 };
 template <> struct Tolerance<double> {
   static constexpr double series_limit = 0.1;
-  static constexpr double newton_switch = 1e-8;
   static constexpr double newton_residual = 1e-8;
   static constexpr double halley_residual = 1e-5;
-  static constexpr double bracket = 1e-15;
+  static constexpr double bracket = 2.220446049250313e-16;        // 2^-52
+  static constexpr double bracket_floor = 8.271806125530277e-25;  // 2^-80
   static constexpr double residual = 1e-14;
+  static constexpr double settled = 1e-12;
 };
 
 static_assert(Tolerance<float>::halley_residual > Tolerance<float>::newton_residual &&
                   Tolerance<double>::halley_residual > Tolerance<double>::newton_residual,
-              "RootFinder::step: Halley's steps may finish from a larger residual than Newton's");
+              "RootFinder: Halley's steps may finish from a larger residual than Newton's");
 
-constexpr int kMaxRootIterations = 50;
+// A cap on evaluations that no row reaches in practice: the safeguard below bisects at
+// least every other step when Newton's steps stall, so the bracket halves at least every
+// two evaluations, and ~2 x 53 evaluations take it from [0, 1/eps) to double's resolution.
+constexpr int kMaxRootIterations = 128;
 
 // Upper end of the bracket for t* (section 2): (1 - d^-eps)/eps, ln d at eps=0.
 // d = number of entries that can be nonzero.
@@ -215,34 +230,47 @@ ENTMAX_HD T softmax_start(T S0, T S1, T S2, T eps) {
 }
 constexpr double kSoftmaxStartEps = 0.25;
 
-// Safeguarded Newton iteration on g(t) = log F(t), F(t) = sum_i p_i(t)
-// (section 3). Log-space Newton is exact for softmax and needs 3-8 steps
-// for alpha in (1, 3]; the bracket [lo, hi] keeps every step safe.
-// Usage (update): evaluate F, dF (= -sum p/z) at rf.t, then rf.update(F, dF)
-// until it returns true or kMaxRootIterations is reached; the entries evaluated
-// last are the answer (normalised by F).
-// step(RootSums) is the same iteration with Halley's correction (it also needs F'')
-// and its own bookkeeping (F of the last evaluation, done, the iteration cap); the
-// kernels drive it through find_thresholds below.
-// For alpha > 2 (eps > 1) f' is unbounded at the support edges, so a small
-// Newton step says nothing about the distance to the root there: only the
-// residual and the bracket end the iteration.
+// Safeguarded Newton/Halley iteration for the root of F(t) = sum_i p_i(t) = 1 (section 3).
+// F is decreasing; the bracket [lo, hi] always holds the root (F(lo) >= 1 >= F(hi)), and t
+// never leaves it. A Newton or Halley step is taken only when it lands strictly inside the
+// bracket and is at most half the step before the last one (the rule of Numerical
+// Recipes' rtsafe); otherwise the step is a bisection of the bracket. So steps that
+// alternate around a kink of F without closing in (alpha > 2, where a term's slope is
+// infinite at the support edge) fall back to bisection, and the bracket at least halves
+// every two evaluations. The iteration ends on the residual |F - 1| or on the bracket's
+// width (Tolerance), never on a step's size alone.
+// The steps iterate on g = log F for rows near softmax (eps <= 1/2; exact for softmax) and
+// on g = F - 1 closer to sparsemax (F is piecewise linear at eps = 1, where log F would
+// cost a step). step() takes Halley's correction -2 g g' / (2 g'^2 - g g'') while it is at
+// most twice Newton's in the same direction (F'' is singular at the support edge for
+// alpha > 1.5; then Newton); update() takes Newton's steps (callers without F'').
+// Usage: evaluate F, F' (, F'') at rf.t; rf.step(sums) or rf.update(F, F') until it
+// returns true: the evaluation at t is then the answer (normalised by F), or, with an
+// extrapolation, its Taylor expansion by `extrapolation` (extrapolate_entry).
+// With may_extrapolate (a caller that can, see extrapolation_applies), the Halley step
+// from a residual that predicts a final evaluation ends the iteration instead: t stays at
+// the evaluation and `extrapolation` holds the step.
+// Branch-free, so that the CPU runs it for 16 rows at once in SIMD lanes: selects, and
+// bitwise & | on the conditions (short-circuits are branches).
 template <typename T>
 struct RootFinder {
   T lo, hi, t;
-  bool last;
-  bool trust_small_step;
-  T F = T(0);             // sum p at t, from the last evaluation given to step()
-  bool done = false;      // step() returned true: t and F belong to the last evaluation
+  T F = T(0);             // sum p at t, from the last evaluation
+  bool done = false;      // the evaluation at t (and F) is the answer
   bool single = false;    // softmax (eps = 0): the first evaluation is the answer
-  bool log_space = true;  // step() iterates on log F (else on F - 1)
+  bool log_space = true;  // iterate on log F (else on F - 1)
+  bool convex = true;     // eps <= 1: F is convex, Newton converges quadratically near the root
+  bool expect_final = false;  // the last step predicts that the next evaluation is final
   int iterations = 0;
+  T step_last = std::numeric_limits<T>::infinity();    // |t move| of the last step
+  T step_before = std::numeric_limits<T>::infinity();  // and of the one before it
   bool may_extrapolate = false;  // step() may end with an extrapolation (set by the caller)
   T extrapolation = T(0);        // the step from t to the answer (0: the evaluation at t is it)
+  T origin = T(0);               // a caller that iterates on t - origin sets it: the bracket's
+                                 // width is judged relative to the threshold origin + t
 
   ENTMAX_HD RootFinder(T upper, T eps)
-      : lo(T(0)), hi(upper), t(T(0)), last(false), trust_small_step(eps <= T(1)), single(eps == T(0)),
-        log_space(eps <= T(0.5)) {}
+      : lo(T(0)), hi(upper), t(T(0)), single(eps == T(0)), log_space(eps <= T(0.5)), convex(eps <= T(1)) {}
   // Starting at `start` (a lower bound such as jensen_lower_bound; the bracket stays [0, upper]).
   ENTMAX_HD RootFinder(T upper, T eps, T start) : RootFinder(upper, eps) {
     t = start > T(0) && start < upper ? start : T(0);
@@ -250,74 +278,67 @@ struct RootFinder {
   // Default: a finished row with nothing to solve (masked, NaN, or outside this lockstep pass).
   ENTMAX_HD RootFinder() : RootFinder(T(0), T(1)) { done = true; }
 
-  // Returns true when the evaluation just done at t is the final one.
-  ENTMAX_HD bool update(T F, T dF) {
-    if (last || abs_(F - T(1)) <= Tolerance<T>::residual || !(F > T(0)) || !(dF < T(0))) return true;
-    if (F > T(1)) lo = t; else hi = t;
-    T next = t - F * log_(F) / dF;
-    const bool newton = next > lo && next < hi;
-    if (!newton) next = (lo + hi) * T(0.5);
-    const T scale = max_(T(1), abs_(next));
-    if ((newton && trust_small_step && abs_(next - t) <= Tolerance<T>::newton_switch * scale) ||
-        (hi - lo) <= Tolerance<T>::bracket * scale) {
-      last = true;
-    }
-    if (next == t) return true;  // no representable progress left
-    t = next;
-    return false;
-  }
-
-  // The iteration of update() with Halley's correction, on g = log F for rows near
-  // softmax (eps <= 1/2; exact for softmax) and on g = F - 1 closer to sparsemax (F is
-  // piecewise linear at eps = 1, where log F would cost a step): step
-  // -2 g g' / (2 g'^2 - g g''), taken only while it is at most twice Newton's in the same
-  // direction (F'' is singular at the support edge for alpha > 1.5; then Newton). Ends on
-  // the residual rather than the step size. Returns true (and keeps t) once the
-  // evaluation at t is final; also after kMaxRootIterations evaluations, and at once for
-  // a finder that is done already (which it leaves as it is).
-  // With may_extrapolate (a caller that can, see extrapolation_applies), the Halley step
-  // that would be followed by one last evaluation ends the iteration instead: t stays at
-  // the evaluation and `extrapolation` holds the step, to be taken by a Taylor expansion
-  // of the evaluated entries (extrapolate_entry).
-  // Branch-free, so that the CPU runs it for 16 rows at once in SIMD lanes: selects, and
-  // bitwise & | on the conditions (short-circuits are branches; a select between two
-  // conditions did not vectorise).
-  template <typename M = LibMath>
-  ENTMAX_HD bool step(const RootSums<T>& s) {
+  // One evaluation's F, F' (and F'' for Halley) at t; returns true (and keeps t) once the
+  // evaluation at t is final: on the residual, the bracket, no representable progress, the
+  // iteration cap, and at once for a finder that is done already (left as it is).
+  template <bool kHalley, typename M>
+  ENTMAX_HD bool advance(T F_at_t, T dF, T d2F) {
     const bool was_done = done;
-    F = was_done ? F : s.F;
+    F = was_done ? F : F_at_t;
     iterations = was_done ? iterations : iterations + 1;
     const T residual = abs_(F - T(1));
-    const bool finish = was_done | single | last | (residual <= Tolerance<T>::residual) | !(F > T(0)) |
-                        !(s.dF < T(0)) | (iterations >= kMaxRootIterations);
-    // Below, finishing rows compute values that are discarded (log of F <= 0 included).
     const bool above = F > T(1);
     const T lo_next = above ? t : lo, hi_next = above ? hi : t;
+    const bool narrow = (hi_next - lo_next) <= max_(Tolerance<T>::bracket * abs_(origin + t), Tolerance<T>::bracket_floor);
+    const bool finish = was_done | single | (residual <= Tolerance<T>::residual) | narrow | !(F > T(0)) |
+                        !(dF < T(0)) | (iterations >= kMaxRootIterations);
+    // Below, finishing rows compute values that are discarded (log of F <= 0 included).
     const T g = log_space ? M::log(F) : F - T(1);
-    const T g1 = log_space ? s.dF / F : s.dF;
-    const T g2 = log_space ? s.d2F / F - g1 * g1 : s.d2F;
-    const T halley_den = T(2) * g1 * g1 - g * g2;
-    const bool halley = halley_den > g1 * g1;  // false for NaN too
-    const T move = (halley ? T(2) * g * g1 : g) / (halley ? halley_den : g1);  // no division in a select
-    const T newton_next = t - move;
-    const bool inside = (newton_next > lo_next) & (newton_next < hi_next);
-    const T next = inside ? newton_next : (lo_next + hi_next) * T(0.5);
+    const T g1 = log_space ? dF / F : dF;
+    T move = g / g1;
+    bool halley = false;
+    if (kHalley) {
+      const T g2 = log_space ? d2F / F - g1 * g1 : d2F;
+      const T halley_den = T(2) * g1 * g1 - g * g2;
+      halley = halley_den > g1 * g1;  // false for NaN too
+      move = (halley ? T(2) * g * g1 : g) / (halley ? halley_den : g1);  // no division in a select
+    }
+    const T candidate = t - move;
+    const bool newton = (candidate > lo_next) & (candidate < hi_next) & (abs_(move) <= T(0.5) * step_before) &
+                        (candidate != t);
+    const T next = newton ? candidate : (lo_next + hi_next) * T(0.5);
+    const bool stuck = next == t;  // no representable progress left (the bracket is a point)
     // residual <= (halley ? halley_residual : newton_residual), the former being the larger
     // (a second select on `halley` made GCC duplicate the step's code per case, unvectorisable)
-    const bool final = (residual <= Tolerance<T>::newton_residual) | (halley & (residual <= Tolerance<T>::halley_residual));
-    const bool small = inside & trust_small_step & final;
-    const bool last_next = small | ((hi_next - lo_next) <= Tolerance<T>::bracket * max_(T(1), abs_(next)));
-    const bool stuck = next == t;  // no representable progress left
-    const bool extrapolate = may_extrapolate & halley & small;
+    const bool predicts = newton & convex &
+                          ((residual <= Tolerance<T>::newton_residual) |
+                           (halley & (residual <= Tolerance<T>::halley_residual)));
+    const bool extrapolate = may_extrapolate & halley & predicts;
     const bool ends = finish | stuck | extrapolate;
     lo = finish ? lo : lo_next;
     hi = finish ? hi : hi_next;
-    last = last | (!finish & last_next);  // (finish ? last : last_next: last is false unless finish)
+    step_before = ends ? step_before : step_last;
+    step_last = ends ? step_last : abs_(next - t);
+    expect_final = !ends & predicts;
     extrapolation = (finish | stuck | !extrapolate) ? extrapolation : -move;
     t = ends ? t : next;
     done = ends;
     return ends;
   }
+
+  template <typename M = LibMath>
+  ENTMAX_HD bool step(const RootSums<T>& s) { return advance<true, M>(s.F, s.dF, s.d2F); }
+
+  // Whether the answer of a finished iteration is resolved in this arithmetic: its residual
+  // is within Tolerance::settled (or it is softmax's single evaluation, or an extrapolation,
+  // whose error the Halley step's residual bounds). False when the bracket ended it with t
+  // as good as T can place it but F still off: long float32 rows of small spread, where
+  // neighbouring floats t move F by (support size) x eps x ulp(t). Such float rows are then
+  // solved in double.
+  ENTMAX_HD bool settled() const {
+    return single | (extrapolation != T(0)) | (abs_(F - T(1)) <= Tolerance<T>::settled);
+  }
+  ENTMAX_HD bool update(T F_at_t, T dF) { return advance<false, LibMath>(F_at_t, dF, T(0)); }
 };
 
 // Extrapolation applies where the Taylor expansion of every entry to second order in the
@@ -382,38 +403,33 @@ ENTMAX_HD void find_threshold(RootFinder<T>& rf, EvaluateAt&& evaluate_at, AllDo
 //
 // Per entry of the support S = {p > 0} (sections 4 and 5), with l = ln p,
 // x = eps*l, e = expm1(x):
-//   g = p^(1-eps) = p / (1 + e)
-//   w = e / eps,  v = expm1(-x)/eps = -e / ((1 + e) eps),
-//   r = (expm1(x) - x)/eps^2 (series for |x| < 1).
-// The row gradient needs eight sums; BackwardSums collects them.
+//   g = p^(1-eps) = p / (1 + e)                        (the x-gradient's weight)
+//   c = r - w l,  w = e / eps,  r = (e - x) / eps^2      (the alpha-gradient's weight)
+// With q = sum g dy / sum g, dX_i = g_i (dy_i - q) and
+//   dL/dalpha = sum_i g_i (dy_i - q) (c_i - c0)   for any constant c0,
+// since sum_i g_i (dy_i - q) = 0 and sum_i dp_i/dalpha = sum_i g_i (c_i - K) = 0 (section 5:
+// K = sum g c / sum g). The entmax kernels take c0 = sum g c / sum g from the first pass and
+// form the sum in the dX pass: the terms are then the small deviations of c, and a row whose
+// entries are equal gets exactly 0. The fused attention, which has no cheap second pass over
+// a row, uses the one-pass form sum g dy c - q sum g c (alpha_gradient).
 template <typename T>
 struct BackwardSums {
-  T g;        // sum g
-  T g_dy;     // sum g dy
-  T p_l;      // E = sum p l
-  T p_v;      // sum p v
-  T p_v_l;    // sum p v l
-  T g_w;      // sum g w
-  T g_r;      // sum g r
-  T dy_g_rwl; // sum dy g (r - w l)
+  T g;       // sum g
+  T g_dy;    // sum g dy
+  T g_c;     // sum g c
+  T g_dy_c;  // sum g dy c (one-pass form only)
 
-  ENTMAX_HD void zero() { g = g_dy = p_l = p_v = p_v_l = g_w = g_r = dy_g_rwl = T(0); }
+  ENTMAX_HD void zero() { g = g_dy = g_c = g_dy_c = T(0); }
   ENTMAX_HD BackwardSums operator+(const BackwardSums& o) const {
-    BackwardSums s;
-    s.g = g + o.g; s.g_dy = g_dy + o.g_dy; s.p_l = p_l + o.p_l; s.p_v = p_v + o.p_v;
-    s.p_v_l = p_v_l + o.p_v_l; s.g_w = g_w + o.g_w; s.g_r = g_r + o.g_r;
-    s.dy_g_rwl = dy_g_rwl + o.dy_g_rwl;
-    return s;
+    return {g + o.g, g_dy + o.g_dy, g_c + o.g_c, g_dy_c + o.g_dy_c};
   }
 };
 
 // The same sums in double (partial sums of float terms are flushed into these).
 template <typename T>
 ENTMAX_HD BackwardSums<double> widen(const BackwardSums<T>& s) {
-  BackwardSums<double> w;
-  w.g = s.g; w.g_dy = s.g_dy; w.p_l = s.p_l; w.p_v = s.p_v;
-  w.p_v_l = s.p_v_l; w.g_w = s.g_w; w.g_r = s.g_r; w.dy_g_rwl = s.dy_g_rwl;
-  return w;
+  return {static_cast<double>(s.g), static_cast<double>(s.g_dy), static_cast<double>(s.g_c),
+          static_cast<double>(s.g_dy_c)};
 }
 
 // (exp(x) - 1 - x) / (x^2 / 2) = 1 + x/3 + x^2/12 + ... ; 9 terms: truncation 2 x^9 / 11!
@@ -459,60 +475,63 @@ ENTMAX_HD T support_weight_in_form(T p, T eps, EntryForm form) {
   }
 }
 
-// The terms of one support entry for eps > 0, with l = ln p, x = eps l, e = expm1(x),
+// The terms of one support entry for eps > 0, with l = ln p, x = eps l (x <= 0),
 // z = exp(x) = p^eps (pow_eps):
-//   g = p^(1-eps) = p / z,  w = e / eps,  v = expm1(-x)/eps = -w / z,
-//   r = (e - x)/eps^2.
-// One series serves e and r near 0 (|x| < series_limit): with R = expm1_minus_x_ratio(x),
-// e = x + (x^2/2) R and r = (l^2/2) R; farther out e = expm1(x) and r is direct.
+//   g = p^(1-eps) = p / z,
+//   c = r - w l = (e (1 - x) - x) / eps^2 = (z (1 - x) - 1) / eps^2   (e = z - 1).
+// Near x = 0 (|x| < series_limit), with R = expm1_minus_x_ratio(x) (e = x + (x^2/2) R):
+//   c = l^2 (R (1 - x) / 2 - 1) < 0, free of cancellation (-l^2/2 at eps -> 0).
+// Farther out the -1 dominates c: entries of a flat row differ only in z (1 - x) (> 0).
+// c_key keeps what the two-pass alpha-gradient needs exactly: c where the series applies,
+// z (1 - x) elsewhere (its sign tells which; centred_c).
 template <typename T>
 struct BackwardTerms {
-  T g, l, w, v, r;
+  T g, c, c_key;
 };
 
 template <typename T, typename M = LibMath>
 ENTMAX_HD BackwardTerms<T> backward_terms(T p, T eps, T inv_eps) {
-  BackwardTerms<T> b;
   const T log2_p = M::log2(p);
-  b.l = log2_p * T(kLn2);
-  const T x = eps * b.l;
+  const T l = log2_p * T(kLn2);
+  const T x = eps * l;
   const T z = pow_eps<T, M>(log2_p, eps);
-  const T ratio = expm1_minus_x_ratio(x);
   const bool series = abs_(x) < Tolerance<T>::series_limit;
-  const T e = series ? x + T(0.5) * x * x * ratio : M::expm1(x, z);
-  b.g = p / z;
-  b.w = e * inv_eps;
-  b.v = -b.w / z;
-  b.r = series ? b.l * b.l * T(0.5) * ratio : (e - x) * (inv_eps * inv_eps);
-  return b;
+  const T c_series = l * l * (T(0.5) * expm1_minus_x_ratio(x) * (T(1) - x) - T(1));
+  const T far = z * (T(1) - x);
+  const T c_direct = (far - T(1)) * (inv_eps * inv_eps);
+  return {p / z, series ? c_series : c_direct, series ? c_series : far};
 }
 
-// alpha = 1 (eps = 0): the limits of the terms above.
+// alpha = 1 (eps = 0): the limits of the terms above (g = p, c = -l^2/2).
 template <typename T, typename M = LibMath>
 ENTMAX_HD BackwardTerms<T> backward_terms_softmax(T p) {
   const T l = M::log(p);
-  return {p, l, l, -l, l * l * T(0.5)};
+  return {p, T(-0.5) * l * l, T(-0.5) * l * l};
 }
 
+// The terms of entry p in its row's arithmetic; zeros off the support.
+template <typename T, typename M = LibMath>
+ENTMAX_HD BackwardTerms<T> backward_terms_at(T p, T eps, T inv_eps) {
+  if (!on_support(p)) return {T(0), T(0), T(0)};
+  return eps == T(0) ? backward_terms_softmax<T, M>(p) : backward_terms<T, M>(p, eps, inv_eps);
+}
+
+// The first-pass sums of entry (dy, terms b): sum g, sum g dy, sum g c, and (one-pass
+// form) sum g dy c.
 template <typename T>
-ENTMAX_HD void add_backward_terms(T p, T dy, const BackwardTerms<T>& b, BackwardSums<T>& s) {
+ENTMAX_HD void add_backward_terms(T dy, const BackwardTerms<T>& b, BackwardSums<T>& s) {
   s.g += b.g;
   s.g_dy += b.g * dy;
-  s.p_l += p * b.l;
-  s.p_v += p * b.v;
-  s.p_v_l += p * b.v * b.l;
-  s.g_w += b.g * b.w;
-  s.g_r += b.g * b.r;
-  s.dy_g_rwl += dy * b.g * (b.r - b.w * b.l);
+  s.g_c += b.g * b.c;
+  s.g_dy_c += b.g * dy * b.c;
 }
 
-// Adds entry (p, dy) to the sums; returns its g.
+// Adds entry (p, dy) to the sums; returns its terms (zeros off the support).
 template <typename T>
-ENTMAX_HD T accumulate_backward_entry(T p, T dy, T eps, BackwardSums<T>& s) {
-  if (!on_support(p)) return T(0);
-  const BackwardTerms<T> b = eps == T(0) ? backward_terms_softmax(p) : backward_terms(p, eps, T(1) / eps);
-  add_backward_terms(p, dy, b, s);
-  return b.g;
+ENTMAX_HD BackwardTerms<T> accumulate_backward_entry(T p, T dy, T eps, BackwardSums<T>& s) {
+  const BackwardTerms<T> b = backward_terms_at(p, eps, eps > T(0) ? T(1) / eps : T(0));
+  if (on_support(p)) add_backward_terms(dy, b, s);
+  return b;
 }
 
 // q = sum g dy / sum g (0 for an empty support: all -inf rows get zero gradient).
@@ -521,15 +540,40 @@ ENTMAX_HD T backward_q(T sum_g, T sum_g_dy) {
   return sum_g == T(0) ? T(0) : sum_g_dy / sum_g;
 }
 
-// dL/dalpha of one row from its sums (section 5).
+// The constant c0 of a row's two-pass alpha-gradient, near the g-weighted mean of c, in
+// the two forms of c_key: c0 itself, and K = 1 + eps^2 c0 with c0 = (K - 1) / eps^2 (both
+// rounded from K, so that entries of either form subtract the same constant).
 template <typename T>
-ENTMAX_HD T alpha_gradient(const BackwardSums<T>& s, T eps) {
+struct AlphaCenter {
+  T c0, K, inv_eps2;
+};
+
+template <typename T, typename S>
+ENTMAX_HD AlphaCenter<T> alpha_gradient_center(const BackwardSums<S>& s, T eps) {
+  const T mean = s.g == S(0) ? T(0) : static_cast<T>(s.g_c / s.g);
+  if (!(eps > T(0))) return {mean, T(1), T(0)};
+  const T inv_eps2 = T(1) / (eps * eps);
+  const T K = T(1) + eps * eps * mean;
+  return {(K - T(1)) * inv_eps2, K, inv_eps2};
+}
+
+// c - c0 of an entry, from its c_key: exact for the flat rows' z (1 - x) > 0.
+template <typename T>
+ENTMAX_HD T centred_c(T c_key, const AlphaCenter<T>& a) {
+  return c_key > T(0) ? (c_key - a.K) * a.inv_eps2 : c_key - a.c0;
+}
+
+// The two-pass alpha-gradient's term of one entry, from its dX = g (dy - q).
+template <typename T>
+ENTMAX_HD T alpha_gradient_term(T dx, T c_key, const AlphaCenter<T>& a) {
+  return dx * centred_c(c_key, a);
+}
+
+// dL/dalpha of one row in the one-pass form: sum g dy c - q sum g c.
+template <typename T>
+ENTMAX_HD T alpha_gradient(const BackwardSums<T>& s) {
   if (s.g == T(0)) return T(0);
-  const T Z = T(1) + eps * s.p_v;
-  const T D = (s.p_v_l - s.p_v * s.p_l) / Z;
-  const T r_bar = s.g_r / s.g;
-  const T w_bar = s.g_w / s.g;
-  return s.dy_g_rwl - s.g_dy * (r_bar + D - s.p_l * w_bar);
+  return s.g_dy_c - backward_q(s.g, s.g_dy) * s.g_c;
 }
 
 }  // namespace math

@@ -215,8 +215,8 @@ ENTMAX_HD void lane_fill(scalar_t* y, int n, int lane, acc_t fill) {
   }
 }
 
-// The lane's share of the backward sums (sections 4 and 5); g of its entries into g[j].
-// Without ALPHA_GRAD only sum g and sum g dy are formed.
+// The lane's share of the backward's first-pass sums (sections 4 and 5); g of its entries
+// into g[j]. Without ALPHA_GRAD only sum g and sum g dy are formed.
 template <bool ALPHA_GRAD, typename comp_t, typename acc_t, typename M, int G, int K>
 ENTMAX_HD BackwardSums<comp_t> lane_backward_share(const acc_t (&p)[K], const acc_t (&dy)[K], int n, int lane,
                                                    comp_t eps, comp_t inv_eps, EntryForm form, comp_t (&g)[K]) {
@@ -230,9 +230,8 @@ ENTMAX_HD BackwardSums<comp_t> lane_backward_share(const acc_t (&p)[K], const ac
     if (k >= n || !on_support(pk)) continue;
     const comp_t d = static_cast<comp_t>(dy[j]);
     if (ALPHA_GRAD) {
-      const BackwardTerms<comp_t> b =
-          eps == comp_t(0) ? backward_terms_softmax<comp_t, M>(pk) : backward_terms<comp_t, M>(pk, eps, inv_eps);
-      add_backward_terms(pk, d, b, s);
+      const BackwardTerms<comp_t> b = backward_terms_at<comp_t, M>(pk, eps, inv_eps);
+      add_backward_terms(d, b, s);
       g[j] = b.g;
     } else {
       g[j] = support_weight_in_form<comp_t, M>(pk, eps, form);
@@ -241,6 +240,26 @@ ENTMAX_HD BackwardSums<comp_t> lane_backward_share(const acc_t (&p)[K], const ac
     }
   }
   return s;
+}
+
+// The lane's dX = g (dy - q) into dx (entries k < n), and with ALPHA_GRAD its share of the
+// two-pass alpha-gradient, sum dX (c - center) (c recomputed from p: no registers kept).
+template <bool ALPHA_GRAD, typename comp_t, typename scalar_t, typename acc_t, typename M, int G, int K>
+ENTMAX_HD comp_t lane_backward_output(const acc_t (&p)[K], const acc_t (&dy)[K], const comp_t (&g)[K],
+                                      scalar_t* dx, int n, int lane, comp_t eps, comp_t inv_eps, comp_t q,
+                                      const AlphaCenter<comp_t>& center) {
+  comp_t share = 0;
+  ENTMAX_UNROLL
+  for (int j = 0; j < K; ++j) {
+    const int k = lane + j * G;
+    if (k >= n) continue;
+    const comp_t d = g[j] * (static_cast<comp_t>(dy[j]) - q);
+    dx[k] = static_cast<scalar_t>(d);
+    if (ALPHA_GRAD && on_support(static_cast<comp_t>(p[j]))) {
+      share += alpha_gradient_term(d, backward_terms_at<comp_t, M>(static_cast<comp_t>(p[j]), eps, inv_eps).c_key, center);
+    }
+  }
+  return share;
 }
 
 // ------------------------------------------------------------------ thread shares (long rows)
@@ -298,7 +317,7 @@ ENTMAX_HD RootSums<double> thread_root_share(const Src* src, Chunk chunk, int ti
   return {F.value(), -minus_dF.value(), d2F.value()};
 }
 
-// The thread's share of the backward sums over its entries of a long row.
+// The thread's share of the backward's first-pass sums over its entries of a long row.
 template <bool ALPHA_GRAD, typename comp_t, typename M, typename Src>
 ENTMAX_HD BackwardSums<double> thread_backward_share(const Src* p, const Src* dy, Chunk chunk, int tid, int threads,
                                                      comp_t eps, comp_t inv_eps, EntryForm form) {
@@ -312,9 +331,7 @@ ENTMAX_HD BackwardSums<double> thread_backward_share(const Src* p, const Src* dy
     if (!on_support(pk)) continue;
     const comp_t d = static_cast<comp_t>(dy[k]);
     if (ALPHA_GRAD) {
-      const BackwardTerms<comp_t> b =
-          eps == comp_t(0) ? backward_terms_softmax<comp_t, M>(pk) : backward_terms<comp_t, M>(pk, eps, inv_eps);
-      add_backward_terms(pk, d, b, part);
+      add_backward_terms(d, backward_terms_at<comp_t, M>(pk, eps, inv_eps), part);
     } else {
       const comp_t g = support_weight_in_form<comp_t, M>(pk, eps, form);
       part.g += g;
@@ -327,6 +344,31 @@ ENTMAX_HD BackwardSums<double> thread_backward_share(const Src* p, const Src* dy
     }
   }
   return total + widen(part);
+}
+
+// The thread's dX = g (dy - q) of its entries of a long row, and with ALPHA_GRAD its share
+// of the two-pass alpha-gradient, sum dX (c - center), flushed into double as the sums.
+template <bool ALPHA_GRAD, typename comp_t, typename M, typename Src, typename scalar_t>
+ENTMAX_HD double thread_backward_output(const Src* p, const Src* dy, scalar_t* dx, Chunk chunk, int tid, int threads,
+                                        comp_t eps, comp_t inv_eps, EntryForm form, comp_t q,
+                                        const AlphaCenter<comp_t>& center) {
+  ChunkedSum share;
+  for (int64_t k = chunk.begin + tid; k < chunk.end; k += threads) {
+    const comp_t pk = static_cast<comp_t>(p[k]);
+    const bool on = on_support(pk);
+    comp_t g = 0, c = 0;
+    if (on && ALPHA_GRAD) {
+      const BackwardTerms<comp_t> b = backward_terms_at<comp_t, M>(pk, eps, inv_eps);
+      g = b.g;
+      c = b.c_key;
+    } else if (on) {
+      g = support_weight_in_form<comp_t, M>(pk, eps, form);
+    }
+    const comp_t d = g * (static_cast<comp_t>(dy[k]) - q);
+    dx[k] = static_cast<scalar_t>(d);
+    if (ALPHA_GRAD && on) share.add(alpha_gradient_term(d, c, center));
+  }
+  return share.value();
 }
 
 }  // namespace rows

@@ -2,8 +2,8 @@
 
 Independent of the compiled kernels: bisection for the forward pass (in the
 log1p form of docs/entmax-math.md section 2, stable as alpha -> 1) and the
-analytic backward (section 4), with both forms of the alpha-gradient
-(section 5). Works in any floating dtype; the tests run it in float64.
+analytic backward (section 4), with three forms of the alpha-gradient
+(section 5), equal whenever sum p = 1. Works in any floating dtype; the tests run it in float64.
 
 Semantics match the fused op: ``-inf`` entries give 0, a row that is all
 ``-inf`` gives all zeros, NaN in a row gives NaN in that row, alpha = 1 is
@@ -106,6 +106,26 @@ def _alpha_grad_stable(p, dy, eps, g):
     return (dy * dp_dalpha).sum(-1, keepdim=True)
 
 
+def _alpha_grad_centred(p, dy, eps, g, q):
+    """sum g (dy - q) (c - c0) with c = r - w ln p (docs/entmax-math.md section 5), the
+    form the kernels use: sum g (dy - q) = 0 lets any constant c0 (here the g-weighted mean
+    of c) be subtracted, which keeps the terms of a long flat row from cancelling."""
+    supp = p > 0
+    ell = torch.where(supp, torch.log(torch.where(supp, p, torch.ones_like(p))), torch.zeros_like(p))
+    el = eps * ell
+    safe_eps = torch.where(eps == 0, torch.ones_like(eps), eps)
+    w = torch.where(eps == 0, ell, torch.expm1(el) / safe_eps)
+    series = ell**2 / 2 * (1 + el / 3 + el**2 / 12 + el**3 / 60 + el**4 / 360 + el**5 / 2520)
+    r = torch.where(el.abs() < 1e-2, series, (torch.expm1(el) - el) / safe_eps**2)
+    c = torch.where(supp, r - w * ell, torch.zeros_like(p))
+    gsum = g.sum(-1, keepdim=True)
+    c0 = (g * c).sum(-1, keepdim=True) / torch.where(gsum > 0, gsum, torch.ones_like(gsum))
+    return (g * (dy - q) * (c - c0)).sum(-1, keepdim=True)
+
+
+ALPHA_GRAD_FORMS = ("stable", "textbook", "centred")
+
+
 def entmax_reference_backward(p: torch.Tensor, dy: torch.Tensor, alpha, dim: int = -1, alpha_grad_form: str = "stable"):
     """Returns (dX, dalpha_rows); dalpha_rows has p's shape with size 1 along dim."""
     p = p.transpose(dim, -1)
@@ -125,8 +145,10 @@ def entmax_reference_backward(p: torch.Tensor, dy: torch.Tensor, alpha, dim: int
         da = _alpha_grad_stable(p, dy, eps, g)
     elif alpha_grad_form == "textbook":
         da = _alpha_grad_textbook(p, dy, eps, g, q)
+    elif alpha_grad_form == "centred":
+        da = _alpha_grad_centred(p, dy, eps, g, q)
     else:
-        raise ValueError(f"alpha_grad_form must be 'stable' or 'textbook', got {alpha_grad_form!r}")
+        raise ValueError(f"alpha_grad_form must be one of {ALPHA_GRAD_FORMS}, got {alpha_grad_form!r}")
     empty_row = gsum == 0  # all -inf rows: zero output, zero gradient
     da = torch.where(empty_row, torch.zeros_like(da), da)
     return dx.transpose(dim, -1), da.transpose(dim, -1)

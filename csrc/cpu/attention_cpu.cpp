@@ -3,7 +3,8 @@
 // Forward: parallel over (batch, head, query tile); per query tile, pass 0
 // (row max, count, candidates, block maxima), threshold passes until every
 // row's root finder is on its last evaluation, then the output pass (p.V over
-// the key tiles that are not provably zero), all with scores recomputed from
+// the key tiles that are not provably zero; repeated for rows whose last evaluation
+// the finder does not accept), all with scores recomputed from
 // q and k tile by tile. Backward: a query-tile sweep (row sums -> q_i and the
 // alpha-gradient, then dQ) and a key-tile sweep (dK, dV); each output element
 // is owned by one task, so results do not depend on the thread count.
@@ -233,8 +234,8 @@ __attribute__((always_inline)) inline void backward_row_f32(const float* s, cons
   const float log_norm = kAlphaGrad ? vmath::log_f32(inv_norm) : 0.0f;
   const float inv_eps2 = inv_eps * inv_eps;
   const float series_limit = math::Tolerance<float>::series_limit;
-  float s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_v = 0, s_p_v_l = 0, s_g_w = 0, s_g_r = 0, s_dy_g_rwl = 0;
-#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_v, s_p_v_l, s_g_w, s_g_r, s_dy_g_rwl)
+  float s_g = 0, s_g_dy = 0, s_g_c = 0, s_g_dy_c = 0;
+#pragma omp simd reduction(+ : s_g, s_g_dy, s_g_c, s_g_dy_c)
   for (int64_t j = 0; j < n; ++j) {
     const float a = eps * ((s[j] - m) - t);
     const bool on = a > -1.0f;
@@ -249,37 +250,29 @@ __attribute__((always_inline)) inline void backward_row_f32(const float* s, cons
     G[j] = g;
     s_g += g;
     s_g_dy += g * dp[j];
-    if (kAlphaGrad) {
+    if (kAlphaGrad) {  // c of backward_terms (entmax_math.h)
       const float l = on ? l1 * inv_eps + log_norm : 0.0f;  // ln p_hat
       const float x = eps * l;
       const float e = vmath::expm1_f32(x);
-      const float w = e * inv_eps;
-      const float v = -w / (1.0f + e);
-      const float r_series = l * l * 0.5f * math::expm1_minus_x_ratio(x);
-      const float r_direct = (e - x) * inv_eps2;
-      const float rr = (x > -series_limit && x < series_limit) ? r_series : r_direct;
-      const float pv = ph * v;
-      s_p_l += ph * l;
-      s_p_v += pv;
-      s_p_v_l += pv * l;
-      s_g_w += g * w;
-      s_g_r += g * rr;
-      s_dy_g_rwl += dp[j] * g * (rr - w * l);
+      const float c_series = l * l * (0.5f * math::expm1_minus_x_ratio(x) * (1.0f - x) - 1.0f);
+      const float c_direct = (e * (1.0f - x) - x) * inv_eps2;
+      const float c = (x > -series_limit && x < series_limit) ? c_series : c_direct;
+      s_g_c += g * c;
+      s_g_dy_c += dp[j] * g * c;
     }
   }
-  part.g = s_g; part.g_dy = s_g_dy; part.p_l = s_p_l; part.p_v = s_p_v;
-  part.p_v_l = s_p_v_l; part.g_w = s_g_w; part.g_r = s_g_r; part.dy_g_rwl = s_dy_g_rwl;
+  part.g = s_g; part.g_dy = s_g_dy; part.g_c = s_g_c; part.g_dy_c = s_g_dy_c;
 }
 
-// Softmax rows (eps = 0): g = p, w = l, v = -l, r = l^2/2 (accumulate_backward_entry's limits).
+// Softmax rows (eps = 0): g = p, c = -l^2/2 (accumulate_backward_entry's limits).
 template <bool kAlphaGrad>
 __attribute__((always_inline)) inline void backward_row_softmax_f32(const float* s, const float* dp, float* P,
                                                                     float* G, int64_t n, const BackwardRow<float>& r,
                                                                     BackwardSums<float>& part) {
   const float m = r.m, t = r.t, inv_norm = r.inv_norm;
   const float log_norm = kAlphaGrad ? vmath::log_f32(inv_norm) : 0.0f;
-  float s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_l2 = 0, s_dy_g_rwl = 0;
-#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_l2, s_dy_g_rwl)
+  float s_g = 0, s_g_dy = 0, s_g_c = 0, s_g_dy_c = 0;
+#pragma omp simd reduction(+ : s_g, s_g_dy, s_g_c, s_g_dy_c)
   for (int64_t j = 0; j < n; ++j) {
     const float u = s[j] - m;
     const bool on = u != math::neg_inf<float>();
@@ -291,14 +284,12 @@ __attribute__((always_inline)) inline void backward_row_softmax_f32(const float*
     s_g_dy += ph * dp[j];
     if (kAlphaGrad) {
       const float l = on ? x + log_norm : 0.0f;  // ln p_hat
-      s_p_l += ph * l;
-      s_p_l2 += ph * l * l;
-      s_dy_g_rwl -= dp[j] * ph * l * l * 0.5f;  // dy g (r - w l) = -dy p l^2 / 2
+      const float c = -0.5f * l * l;
+      s_g_c += ph * c;
+      s_g_dy_c += dp[j] * ph * c;
     }
   }
-  part.g = s_g; part.g_dy = s_g_dy;
-  part.p_l = s_p_l; part.p_v = -s_p_l; part.p_v_l = -s_p_l2;
-  part.g_w = s_p_l; part.g_r = 0.5f * s_p_l2; part.dy_g_rwl = s_dy_g_rwl;
+  part.g = s_g; part.g_dy = s_g_dy; part.g_c = s_g_c; part.g_dy_c = s_g_dy_c;
 }
 
 // Backward, one row of a tile: p_hat (into P) and g (into G) from the scores,
@@ -335,7 +326,7 @@ ATTENTION_CPU_CLONES void backward_row_entries(const T* s, const T* dp, T* P, T*
       const BackwardEntry<T> e = r.entry(s[j] - r.m);
       P[j] = e.p_hat;
       if (alpha_grad) {
-        G[j] = accumulate_backward_entry<T>(e.p_hat, dp[j], r.eps, sums);
+        G[j] = accumulate_backward_entry<T>(e.p_hat, dp[j], r.eps, sums).g;
       } else {
         G[j] = e.g;
         sums.g += e.g;
@@ -579,84 +570,95 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     any_bad |= w.th[r].kind == RowThreshold<acc_t>::kBad;
   }
 
-  // Threshold passes over the rows still iterating (scores kept, or recomputed from
-  // their queries gathered into Qc).
+  // Threshold passes, then the output pass at the thresholds they settle on; again for the
+  // rows whose finder does not accept the output pass's evaluation (rare: see RowThreshold).
   for (;;) {
-    int64_t n_pending = 0;
-    for (int64_t r = 0; r < n_rows; ++r)
-      if (!w.th[r].ready) w.pending[n_pending++] = r;
-    if (n_pending == 0) break;
-    for (int64_t c = 0; c < n_pending; ++c) {
-      const int64_t r = w.pending[c];
-      if (!keep) std::memcpy(w.Qc.data() + c * P.Dp, w.Q.data() + r * P.Dp, sizeof(acc_t) * P.Dp);
-      w.rows[c] = i0 + r;
-      w.F[c] = 0;
-      w.minus_dF[c] = 0;
-    }
-    for (int64_t kt = 0; kt < n_kt; ++kt) {
-      bool needed = false;
-      for (int64_t c = 0; c < n_pending && !needed; ++c) {
-        const RowThreshold<acc_t>& th = w.th[w.pending[c]];
-        needed = !zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps);
-      }
-      if (!needed) continue;
-      const int64_t cols = P.key_cols(kt);
-      if (!keep) {
-        gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_pending, cols, P.D);
-        mask_scores(w.S.data(), w.rows.data(), n_pending, cols, b, h, kt * kBlockK, P);
-      }
+    // Threshold passes over the rows still iterating (scores kept, or recomputed from
+    // their queries gathered into Qc).
+    for (;;) {
+      int64_t n_pending = 0;
+      for (int64_t r = 0; r < n_rows; ++r)
+        if (!w.th[r].ready) w.pending[n_pending++] = r;
+      if (n_pending == 0) break;
       for (int64_t c = 0; c < n_pending; ++c) {
-        const RowThreshold<acc_t>& th = w.th[w.pending[c]];
-        if (zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps)) continue;
-        const acc_t* s = keep ? pass0_scores(kt) + w.pending[c] * kBlockK : w.S.data() + c * kBlockK;
-        acc_t f = 0, dz = 0;
-        row_entries<acc_t>(s, w.Pt.data() + c * kBlockK, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
-        w.F[c] += f;
-        w.minus_dF[c] += dz;
+        const int64_t r = w.pending[c];
+        if (!keep) std::memcpy(w.Qc.data() + c * P.Dp, w.Q.data() + r * P.Dp, sizeof(acc_t) * P.Dp);
+        w.rows[c] = i0 + r;
+        w.F[c] = 0;
+        w.minus_dF[c] = 0;
       }
+      for (int64_t kt = 0; kt < n_kt; ++kt) {
+        bool needed = false;
+        for (int64_t c = 0; c < n_pending && !needed; ++c) {
+          const RowThreshold<acc_t>& th = w.th[w.pending[c]];
+          needed = !zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps);
+        }
+        if (!needed) continue;
+        const int64_t cols = P.key_cols(kt);
+        if (!keep) {
+          gemm(w.S.data(), kBlockK, w.Qc.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_pending, cols, P.D);
+          mask_scores(w.S.data(), w.rows.data(), n_pending, cols, b, h, kt * kBlockK, P);
+        }
+        for (int64_t c = 0; c < n_pending; ++c) {
+          const RowThreshold<acc_t>& th = w.th[w.pending[c]];
+          if (zero_at_or_above(w.block_max[kt] - th.m, th.lo, th.eps)) continue;
+          const acc_t* s = keep ? pass0_scores(kt) + w.pending[c] * kBlockK : w.S.data() + c * kBlockK;
+          acc_t f = 0, dz = 0;
+          row_entries<acc_t>(s, w.Pt.data() + c * kBlockK, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
+          w.F[c] += f;
+          w.minus_dF[c] += dz;
+        }
+      }
+      for (int64_t c = 0; c < n_pending; ++c)
+        w.th[w.pending[c]].update(static_cast<acc_t>(w.F[c]), static_cast<acc_t>(-w.minus_dF[c]));
     }
-    for (int64_t c = 0; c < n_pending; ++c)
-      w.th[w.pending[c]].update(static_cast<acc_t>(w.F[c]), static_cast<acc_t>(-w.minus_dF[c]));
-  }
 
-  // Output pass: p.V over the blocks that are not zero for every row.
-  for (int64_t r = 0; r < n_rows; ++r) {
-    w.rows[r] = i0 + r;
-    w.F[r] = 0;
-  }
-  w.O.zero();
-  uint8_t* map_row = block_map + P.map_index(b, h, qt, 0);
-  for (int64_t kt = 0; kt < P.nK; ++kt) map_row[kt] = 0;
-  for (int64_t kt = 0; kt < n_kt; ++kt) {
-    bool active = false;
-    for (int64_t r = 0; r < n_rows && !active; ++r) {
-      const RowThreshold<acc_t>& th = w.th[r];
-      if (th.computes())
-        active = !zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps);
-    }
-    // A bad row's gradient is NaN wherever it can attend (the backward visits its blocks).
-    map_row[kt] = (active || (any_bad && w.block_max[kt] > ninf)) ? 1 : 0;
-    if (!active) continue;
-    const int64_t cols = P.key_cols(kt);
-    const acc_t* S = pass0_scores(kt);
-    if (!keep) {
-      gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
-      mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
-    }
+    // Output pass: p.V over the blocks that are not zero for every row.
     for (int64_t r = 0; r < n_rows; ++r) {
-      const RowThreshold<acc_t>& th = w.th[r];
-      acc_t* p = w.Pt.data() + r * kBlockK;
-      const bool computing = th.computes();
-      if (!computing || zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps)) {
-        std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * cols);
-        continue;
-      }
-      acc_t f = 0, dz = 0;
-      row_entries<acc_t>(S + r * kBlockK, p, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
-      w.F[r] += f;
+      w.rows[r] = i0 + r;
+      w.F[r] = 0;
+      w.minus_dF[r] = 0;
     }
-    gemm_acc(w.O.data(), P.Dvp, w.Pt.data(), kBlockK, 1, tiles.get(kValues, b, hk, kt), P.Dvp, n_rows, P.Dvp,
-             cols);
+    w.O.zero();
+    uint8_t* map_row = block_map + P.map_index(b, h, qt, 0);
+    for (int64_t kt = 0; kt < P.nK; ++kt) map_row[kt] = 0;
+    for (int64_t kt = 0; kt < n_kt; ++kt) {
+      bool active = false;
+      for (int64_t r = 0; r < n_rows && !active; ++r) {
+        const RowThreshold<acc_t>& th = w.th[r];
+        if (th.computes())
+          active = !zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps);
+      }
+      // A bad row's gradient is NaN wherever it can attend (the backward visits its blocks).
+      map_row[kt] = (active || (any_bad && w.block_max[kt] > ninf)) ? 1 : 0;
+      if (!active) continue;
+      const int64_t cols = P.key_cols(kt);
+      const acc_t* S = pass0_scores(kt);
+      if (!keep) {
+        gemm(w.S.data(), kBlockK, w.Q.data(), P.Dp, 1, tiles.get(kKeysT, b, hk, kt), cols, n_rows, cols, P.D);
+        mask_scores(w.S.data(), w.rows.data(), n_rows, cols, b, h, kt * kBlockK, P);
+      }
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const RowThreshold<acc_t>& th = w.th[r];
+        acc_t* p = w.Pt.data() + r * kBlockK;
+        const bool computing = th.computes();
+        if (!computing || zero_at_or_above(w.block_max[kt] - th.m, th.t(), th.eps)) {
+          std::memset(static_cast<void*>(p), 0, sizeof(acc_t) * cols);
+          continue;
+        }
+        acc_t f = 0, dz = 0;
+        row_entries<acc_t>(S + r * kBlockK, p, cols, th.m, th.t(), th.eps, th.inv_eps, &f, &dz);
+        w.F[r] += f;
+        w.minus_dF[r] += dz;
+      }
+      gemm_acc(w.O.data(), P.Dvp, w.Pt.data(), kBlockK, 1, tiles.get(kValues, b, hk, kt), P.Dvp, n_rows, P.Dvp,
+               cols);
+    }
+
+    bool accepted = true;
+    for (int64_t r = 0; r < n_rows; ++r)
+      accepted &= w.th[r].check_output(static_cast<acc_t>(w.F[r]), static_cast<acc_t>(-w.minus_dF[r]));
+    if (accepted) break;
   }
 
   // Normalise by sum p and save the row statistics.
@@ -681,7 +683,7 @@ void forward_query_tile(ForwardScratch<scalar_t, acc_t>& w, const Problem<scalar
     stats[P.stat_index(b, h, kStatThreshold, i)] = t;
     stats[P.stat_index(b, h, kStatInvNorm, i)] = inv_norm;
     const bool computed = th.computes();
-    stats[P.stat_index(b, h, kStatEvaluations, i)] = static_cast<acc_t>(computed ? th.evaluations + 1 : 0);
+    stats[P.stat_index(b, h, kStatEvaluations, i)] = static_cast<acc_t>(computed ? th.evaluations : 0);
   }
 }
 
@@ -820,10 +822,9 @@ void backward_query_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scal
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t i = qt * kBlockQ + r;
-    const double eps = static_cast<double>(w.row[r].eps);
     w.q[r] = w.bad[r] ? math::quiet_nan<acc_t>() : static_cast<acc_t>(backward_q(w.sums[r].g, w.sums[r].g_dy));
     q_rows[(b * P.Hq + h) * P.Lq + i] = w.q[r];
-    const acc_t da = alpha_grad ? static_cast<acc_t>(alpha_gradient(w.sums[r], eps)) : acc_t(0);
+    const acc_t da = alpha_grad ? static_cast<acc_t>(alpha_gradient(w.sums[r])) : acc_t(0);
     dalpha[(b * P.Hq + h) * P.Lq + i] = w.bad[r] ? math::quiet_nan<acc_t>() : da;
   }
   acc_t* dQ = w.acc_d.data();

@@ -22,38 +22,35 @@ using vmath::VectorMath;
 
 // ------------------------------------------------------------------ one row
 
-// The backward sums of one float row, 0 < eps <= 1 (backward_terms, vectorised): writes g,
-// fills `out`. Returns false if the row holds a NaN (the caller then takes the scalar
-// path, which propagates it).
+// The backward's first-pass sums of one float row, 0 < eps <= 1 (backward_terms,
+// vectorised): writes g and c_key, fills `out`. Returns false if the row holds a NaN (the
+// caller then takes the scalar path, which propagates it).
 ENTMAX_CPU_CLONES
-bool backward_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, float eps, BackwardSums<double>& out) {
+bool backward_sums_f32(const float* p, const float* dy, float* g_out, float* c_out, int64_t n, float eps,
+                       BackwardSums<double>& out) {
   out.zero();
   int nan = 0;
   const float inv_eps = 1.0f / eps;
   for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
     const int64_t k1 = std::min(n, k0 + kSumChunk);
-    float s_g = 0, s_g_dy = 0, s_p_l = 0, s_p_v = 0, s_p_v_l = 0, s_g_w = 0, s_g_r = 0, s_dy_g_rwl = 0;
-#pragma omp simd reduction(+ : s_g, s_g_dy, s_p_l, s_p_v, s_p_v_l, s_g_w, s_g_r, s_dy_g_rwl) reduction(| : nan)
+    float s_g = 0, s_g_dy = 0, s_g_c = 0;
+#pragma omp simd reduction(+ : s_g, s_g_dy, s_g_c) reduction(| : nan)
     for (int64_t k = k0; k < k1; ++k) {
       const float pk = p[k], d = dy[k];
       nan |= (pk != pk) | (d != d);
       const bool on = pk > 0.0f;
       const float mask = on ? 1.0f : 0.0f;  // a factor, not selects (see batch_sums_f32_in_form)
-      BackwardTerms<float> b = backward_terms<float, VectorMath>(on ? pk : 1.0f, eps, inv_eps);
-      b.g *= mask;
-      const float pv = pk * b.v * mask;
-      g_out[k] = b.g;
-      s_g += b.g;
-      s_g_dy += b.g * d;
-      s_p_l += pk * b.l * mask;
-      s_p_v += pv;
-      s_p_v_l += pv * b.l;
-      s_g_w += b.g * b.w;
-      s_g_r += b.g * b.r;
-      s_dy_g_rwl += d * b.g * (b.r - b.w * b.l);
+      const BackwardTerms<float> b = backward_terms<float, VectorMath>(on ? pk : 1.0f, eps, inv_eps);
+      const float g = b.g * mask;
+      g_out[k] = g;
+      c_out[k] = b.c_key * mask;
+      s_g += g;
+      s_g_dy += g * d;
+      s_g_c += g * b.c * mask;
     }
-    out.g += s_g; out.g_dy += s_g_dy; out.p_l += s_p_l; out.p_v += s_p_v;
-    out.p_v_l += s_p_v_l; out.g_w += s_g_w; out.g_r += s_g_r; out.dy_g_rwl += s_dy_g_rwl;
+    out.g += s_g;
+    out.g_dy += s_g_dy;
+    out.g_c += s_g_c;
   }
   return nan == 0;
 }
@@ -95,9 +92,9 @@ bool weight_sums_f32(const float* p, const float* dy, float* g_out, int64_t n, f
 
 // The sums of a float row entry by entry (alpha = 1 exactly, or a row holding a NaN,
 // which then propagates): float terms, float partial sums over kSumChunk entries flushed
-// into double, as in the vector loop (long rows keep the alpha-gradient's float32 accuracy).
-BackwardSums<double> backward_sums_scalar_f32(const float* p, const float* dy, float* g, int64_t n, float eps,
-                                              bool alpha_grad) {
+// into double, as in the vector loop; g and c_key of every entry.
+BackwardSums<double> backward_sums_scalar_f32(const float* p, const float* dy, float* g, float* c, int64_t n,
+                                              float eps, bool alpha_grad) {
   BackwardSums<double> total;
   total.zero();
   const EntryForm form = entry_form(eps);
@@ -107,7 +104,9 @@ BackwardSums<double> backward_sums_scalar_f32(const float* p, const float* dy, f
     part.zero();
     for (int64_t k = k0; k < k1; ++k) {
       if (alpha_grad) {
-        g[k] = accumulate_backward_entry(p[k], dy[k], eps, part);
+        const BackwardTerms<float> b = accumulate_backward_entry(p[k], dy[k], eps, part);
+        g[k] = b.g;
+        c[k] = b.c_key;
       } else {
         g[k] = on_support(p[k]) ? support_weight_in_form(p[k], eps, form) : 0.0f;
         part.g += g[k];
@@ -115,6 +114,27 @@ BackwardSums<double> backward_sums_scalar_f32(const float* p, const float* dy, f
       }
     }
     total = total + widen(part);
+  }
+  return total;
+}
+
+// The backward's second pass over a row's entries [0, n): dX = g (dy - q) in place of dy,
+// and with alpha_grad the two-pass alpha-gradient sum dX (c - c0) from c_key (entmax_math.h;
+// float partial sums over kSumChunk entries flushed into double). Padding has g = 0.
+ENTMAX_CPU_CLONES
+double backward_output_f32(float* dy_dx, const float* g, const float* c, int64_t n, float q,
+                           const AlphaCenter<float>& center, bool alpha_grad) {
+  double total = 0;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    float part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t k = k0; k < k1; ++k) {
+      const float d = g[k] * (dy_dx[k] - q);
+      dy_dx[k] = d;
+      part += alpha_grad ? alpha_gradient_term(d, c[k], center) : 0.0f;
+    }
+    total += part;
   }
   return total;
 }
@@ -139,7 +159,7 @@ inline bool sparse_support(int64_t support, int64_t n) { return 2 * support <= n
 
 template <typename acc_t>
 struct BackwardScratch {
-  std::vector<acc_t> p, dy, g;       // the row (padded with zeros), g of every entry
+  std::vector<acc_t> p, dy, g, c;    // the row (padded with zeros), g and c of every entry
   std::vector<int32_t> index;        // sparse rows: the support's positions
   std::vector<acc_t> sp, sdy;        // sparse rows: p and dy of the support (padded with zeros)
   void reserve(int64_t n) {
@@ -147,6 +167,7 @@ struct BackwardScratch {
     p.assign(padded(n), acc_t(0));
     dy.assign(padded(n), acc_t(0));
     g.resize(padded(n));
+    c.resize(padded(n));
     index.resize(padded(n));
     sp.resize(padded(n));
     sdy.resize(padded(n));
@@ -154,10 +175,10 @@ struct BackwardScratch {
 };
 
 // The vectorised sums of float entries p[0, n_padded), 0 < eps <= 1; false on a NaN.
-inline bool backward_sums_vector_f32(const float* p, const float* dy, float* g, int64_t n_padded, float eps,
+inline bool backward_sums_vector_f32(const float* p, const float* dy, float* g, float* c, int64_t n_padded, float eps,
                                      bool alpha_grad, BackwardSums<double>& s) {
   s.zero();
-  return alpha_grad ? backward_sums_f32(p, dy, g, n_padded, eps, s)
+  return alpha_grad ? backward_sums_f32(p, dy, g, c, n_padded, eps, s)
                     : weight_sums_f32(p, dy, g, n_padded, eps, s.g, s.g_dy);
 }
 
@@ -189,30 +210,48 @@ acc_t backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t 
           b.sdy[j] = b.dy[b.index[j]];
         }
         for (int64_t j = c; j < padded(c); ++j) b.sp[j] = b.sdy[j] = 0.0f;
-        backward_sums_vector_f32(b.sp.data(), b.sdy.data(), b.g.data(), padded(c), eps, alpha_grad, s);
-        const float q = static_cast<float>(backward_q(s.g, s.g_dy));
+        backward_sums_vector_f32(b.sp.data(), b.sdy.data(), b.g.data(), b.c.data(), padded(c), eps, alpha_grad, s);
+        const double dalpha =
+            backward_output_f32(b.sdy.data(), b.g.data(), b.c.data(), padded(c), static_cast<float>(backward_q(s.g, s.g_dy)),
+                                alpha_gradient_center(s, eps), alpha_grad);
         fill_row(dx, n, stride, 0.0f);
-        for (int64_t j = 0; j < c; ++j) dx[b.index[j] * stride] = static_cast<scalar_t>(b.g[j] * (b.sdy[j] - q));
-        return alpha_grad ? static_cast<float>(alpha_gradient(s, static_cast<double>(eps))) : 0.0f;
+        for (int64_t j = 0; j < c; ++j) dx[b.index[j] * stride] = static_cast<scalar_t>(b.sdy[j]);
+        return static_cast<float>(dalpha);
       }
-      vector_done = !nan && backward_sums_vector_f32(b.p.data(), b.dy.data(), b.g.data(), padded(n), eps, alpha_grad, s);
+      vector_done = !nan && backward_sums_vector_f32(b.p.data(), b.dy.data(), b.g.data(), b.c.data(), padded(n), eps,
+                                                     alpha_grad, s);
     }
-    if (!vector_done) s = backward_sums_scalar_f32(b.p.data(), b.dy.data(), b.g.data(), n, eps, alpha_grad);
+    if (!vector_done) s = backward_sums_scalar_f32(b.p.data(), b.dy.data(), b.g.data(), b.c.data(), n, eps, alpha_grad);
+    const double dalpha = backward_output_f32(b.dy.data(), b.g.data(), b.c.data(), n,
+                                              static_cast<float>(backward_q(s.g, s.g_dy)),
+                                              alpha_gradient_center(s, eps), alpha_grad);
+    for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.dy[k]);
+    return static_cast<float>(dalpha);
   } else {
+    const acc_t inv_eps = eps > acc_t(0) ? acc_t(1) / eps : acc_t(0);
     const EntryForm form = entry_form(eps);
     for (int64_t k = 0; k < n; ++k) {
       if (alpha_grad) {
-        b.g[k] = accumulate_backward_entry(b.p[k], b.dy[k], eps, s);
+        const BackwardTerms<acc_t> t = backward_terms_at(b.p[k], eps, inv_eps);
+        if (on_support(b.p[k])) add_backward_terms(b.dy[k], t, s);
+        b.g[k] = t.g;
+        b.c[k] = t.c_key;
       } else {
         b.g[k] = on_support(b.p[k]) ? support_weight_in_form(b.p[k], eps, form) : acc_t(0);
         s.g += b.g[k];
         s.g_dy += b.g[k] * b.dy[k];
       }
     }
+    const acc_t q = static_cast<acc_t>(backward_q(s.g, s.g_dy));
+    const AlphaCenter<acc_t> center = alpha_gradient_center(s, eps);
+    acc_t dalpha = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t d = b.g[k] * (b.dy[k] - q);
+      dx[k * stride] = static_cast<scalar_t>(d);
+      if (alpha_grad && on_support(b.p[k])) dalpha += alpha_gradient_term(d, b.c[k], center);
+    }
+    return dalpha;
   }
-  const acc_t q = static_cast<acc_t>(backward_q(s.g, s.g_dy));
-  for (int64_t k = 0; k < n; ++k) dx[k * stride] = static_cast<scalar_t>(b.g[k] * (b.dy[k] - q));
-  return alpha_grad ? static_cast<acc_t>(alpha_gradient(s, static_cast<double>(eps))) : acc_t(0);
 }
 
 template <typename scalar_t>
@@ -235,11 +274,12 @@ typename AccType<scalar_t>::type backward_row_dispatch(const scalar_t* dy, const
 
 // ------------------------------------------------------------------ a batch of short rows
 
-// Each lane's support (p > 0) in column `lane` of [j][lane] tables: p, dy, then g, then dX.
+// Each lane's support (p > 0) in column `lane` of [j][lane] tables: p, dy, then g and c,
+// then dX.
 struct BackwardBatch {
   LaneTables lanes;
   std::vector<float> rows_p, rows_dy;  // rows that are not contiguous floats, converted
-  std::vector<float> p, dy, g;         // [j * kBatchLanes + lane]
+  std::vector<float> p, dy, g, c;      // [j * kBatchLanes + lane]
   void reserve(int64_t n) {
     lanes.reserve(n);
     const int64_t size = round_up_chunk(std::min(n, kBatchMaxCandidates)) * kBatchLanes;
@@ -249,6 +289,7 @@ struct BackwardBatch {
     p.resize(size);
     dy.resize(size);
     g.resize(size);
+    c.resize(size);
   }
 };
 
@@ -256,17 +297,18 @@ struct BackwardBatch {
 // table, the sums (double) per lane. kForm: the lanes' entry form, for the x-gradient alone
 // (BatchForm::kMixed: each lane its own, forms[lane]).
 template <BatchForm kForm, bool kAlphaGrad>
-inline void batch_sums_f32_in_form(const float* p, const float* dy, float* g_out, int64_t rows, const float* eps,
-                                   const float* inv_eps, const EntryForm* forms, BackwardSums<double>* out) {
+inline void batch_sums_f32_in_form(const float* p, const float* dy, float* g_out, float* c_out, int64_t rows,
+                                   const float* eps, const float* inv_eps, const EntryForm* forms,
+                                   BackwardSums<double>* out) {
   for (int l = 0; l < kBatchLanes; ++l) out[l].zero();
   for (int64_t j0 = 0; j0 < rows; j0 += kSumChunk) {
     const int64_t j1 = std::min(rows, j0 + kSumChunk);
-    float s_g[kBatchLanes] = {}, s_g_dy[kBatchLanes] = {}, s_p_l[kBatchLanes] = {}, s_p_v[kBatchLanes] = {},
-          s_p_v_l[kBatchLanes] = {}, s_g_w[kBatchLanes] = {}, s_g_r[kBatchLanes] = {}, s_rwl[kBatchLanes] = {};
+    float s_g[kBatchLanes] = {}, s_g_dy[kBatchLanes] = {}, s_g_c[kBatchLanes] = {};
     for (int64_t j = j0; j < j1; ++j) {
       const float* pj = p + j * kBatchLanes;
       const float* dyj = dy + j * kBatchLanes;
       float* gj = g_out + j * kBatchLanes;
+      float* cj = c_out + j * kBatchLanes;
 #pragma omp simd
       for (int l = 0; l < kBatchLanes; ++l) {
         const float pk = pj[l], d = dyj[l];
@@ -275,18 +317,13 @@ inline void batch_sums_f32_in_form(const float* p, const float* dy, float* g_out
         if constexpr (kAlphaGrad) {
           // masks as factors: selects here defeated GCC's if-conversion (a scalar loop)
           const float mask = on ? 1.0f : 0.0f;
-          BackwardTerms<float> b = backward_terms<float, VectorMath>(p_in, eps[l], inv_eps[l]);
-          b.g *= mask;
-          const float pv = pk * b.v * mask;
-          gj[l] = b.g;
-          s_g[l] += b.g;
-          s_g_dy[l] += b.g * d;
-          s_p_l[l] += pk * b.l * mask;
-          s_p_v[l] += pv;
-          s_p_v_l[l] += pv * b.l;
-          s_g_w[l] += b.g * b.w;
-          s_g_r[l] += b.g * b.r;
-          s_rwl[l] += d * b.g * (b.r - b.w * b.l);
+          const BackwardTerms<float> b = backward_terms<float, VectorMath>(p_in, eps[l], inv_eps[l]);
+          const float g = b.g * mask;
+          gj[l] = g;
+          cj[l] = b.c_key * mask;
+          s_g[l] += g;
+          s_g_dy[l] += g * d;
+          s_g_c[l] += g * b.c * mask;
         } else {
           float g;
           if constexpr (kForm == BatchForm::kMixed) {  // every form, then a select (the switch did not vectorise)
@@ -307,24 +344,50 @@ inline void batch_sums_f32_in_form(const float* p, const float* dy, float* g_out
       }
     }
     for (int l = 0; l < kBatchLanes; ++l) {
-      BackwardSums<float> part{s_g[l], s_g_dy[l], s_p_l[l], s_p_v[l], s_p_v_l[l], s_g_w[l], s_g_r[l], s_rwl[l]};
+      const BackwardSums<float> part{s_g[l], s_g_dy[l], s_g_c[l], 0.0f};
       out[l] = out[l] + widen(part);
     }
   }
 }
 
 ENTMAX_CPU_CLONES
-void batch_sums_f32(const float* p, const float* dy, float* g_out, int64_t rows, const float* eps, const float* inv_eps,
-                    const EntryForm* forms, BatchForm form, bool alpha_grad, BackwardSums<double>* out) {
-  if (alpha_grad) return batch_sums_f32_in_form<BatchForm::kGeneral, true>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+void batch_sums_f32(const float* p, const float* dy, float* g_out, float* c_out, int64_t rows, const float* eps,
+                    const float* inv_eps, const EntryForm* forms, BatchForm form, bool alpha_grad,
+                    BackwardSums<double>* out) {
+  if (alpha_grad) {
+    return batch_sums_f32_in_form<BatchForm::kGeneral, true>(p, dy, g_out, c_out, rows, eps, inv_eps, forms, out);
+  }
   switch (form) {
     case BatchForm::kSquare:
-      return batch_sums_f32_in_form<BatchForm::kSquare, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+      return batch_sums_f32_in_form<BatchForm::kSquare, false>(p, dy, g_out, c_out, rows, eps, inv_eps, forms, out);
     case BatchForm::kLinear:
-      return batch_sums_f32_in_form<BatchForm::kLinear, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+      return batch_sums_f32_in_form<BatchForm::kLinear, false>(p, dy, g_out, c_out, rows, eps, inv_eps, forms, out);
     case BatchForm::kGeneral:
-      return batch_sums_f32_in_form<BatchForm::kGeneral, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
-    default: return batch_sums_f32_in_form<BatchForm::kMixed, false>(p, dy, g_out, rows, eps, inv_eps, forms, out);
+      return batch_sums_f32_in_form<BatchForm::kGeneral, false>(p, dy, g_out, c_out, rows, eps, inv_eps, forms, out);
+    default: return batch_sums_f32_in_form<BatchForm::kMixed, false>(p, dy, g_out, c_out, rows, eps, inv_eps, forms, out);
+  }
+}
+
+// The lanes' second pass (backward_output_f32 for each column): dX = g (dy - q) in place of
+// dy, and with alpha_grad each lane's sum dX (c - c0) from c_key.
+ENTMAX_CPU_CLONES
+void batch_output_f32(float* dy_dx, const float* g, const float* c, int64_t rows, const float* q, const float* c0,
+                      const float* K, const float* inv_eps2, bool alpha_grad, double* shares) {
+  for (int l = 0; l < kBatchLanes; ++l) shares[l] = 0;
+  for (int64_t j0 = 0; j0 < rows; j0 += kSumChunk) {
+    const int64_t j1 = std::min(rows, j0 + kSumChunk);
+    float part[kBatchLanes] = {};
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t at = j * kBatchLanes;
+#pragma omp simd
+      for (int l = 0; l < kBatchLanes; ++l) {
+        const float d = g[at + l] * (dy_dx[at + l] - q[l]);
+        dy_dx[at + l] = d;
+        const AlphaCenter<float> center{c0[l], K[l], inv_eps2[l]};
+        part[l] += alpha_grad ? alpha_gradient_term(d, c[at + l], center) : 0.0f;
+      }
+    }
+    for (int l = 0; l < kBatchLanes; ++l) shares[l] += part[l];
   }
 }
 
@@ -379,24 +442,27 @@ void backward_batch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, const f
   }
   if (first < 0) return;
   BackwardSums<double> sums[kBatchLanes];
-  batch_sums_f32(bb.p.data(), bb.dy.data(), bb.g.data(), rows, eps, inv_eps, forms, batch_form(forms[first], uniform),
-                 alpha_grad, sums);
+  batch_sums_f32(bb.p.data(), bb.dy.data(), bb.g.data(), bb.c.data(), rows, eps, inv_eps, forms,
+                 batch_form(forms[first], uniform), alpha_grad, sums);
   // dX = g (dy - q) of the support entries, in place of dy, then into the rows.
-  float q[kBatchLanes];
-  for (int l = 0; l < kBatchLanes; ++l) q[l] = static_cast<float>(backward_q(sums[l].g, sums[l].g_dy));
-  float* g = bb.g.data();
-  float* d = bb.dy.data();
-  for (int64_t j = 0; j < rows; ++j) {
-#pragma omp simd
-    for (int l = 0; l < kBatchLanes; ++l) d[j * kBatchLanes + l] = g[j * kBatchLanes + l] * (d[j * kBatchLanes + l] - q[l]);
+  float q[kBatchLanes], c0[kBatchLanes], K[kBatchLanes], inv_eps2[kBatchLanes];
+  for (int l = 0; l < kBatchLanes; ++l) {
+    q[l] = static_cast<float>(backward_q(sums[l].g, sums[l].g_dy));
+    const AlphaCenter<float> center = alpha_gradient_center(sums[l], eps[l]);
+    c0[l] = center.c0;
+    K[l] = center.K;
+    inv_eps2[l] = center.inv_eps2;
   }
+  double shares[kBatchLanes];
+  batch_output_f32(bb.dy.data(), bb.g.data(), bb.c.data(), rows, q, c0, K, inv_eps2, alpha_grad, shares);
   float* out[kBatchLanes] = {};
   for (int l = 0; l < lanes; ++l) {
     if (!solve[l]) continue;
     float* direct = contiguous_float_out(dx + base[l], stride);
     out[l] = direct != nullptr ? direct : bb.rows_p.data() + l * n;  // (the row's input is loaded)
-    dalpha[r0 + l] = alpha_grad ? static_cast<float>(alpha_gradient(sums[l], static_cast<double>(eps[l]))) : 0.0f;
+    dalpha[r0 + l] = alpha_grad ? static_cast<float>(shares[l]) : 0.0f;
   }
+  float* d = bb.dy.data();
   store_selected(d, height, out, n, bb.lanes);
   for (int l = 0; l < lanes; ++l) {
     if (out[l] == nullptr || out[l] == contiguous_float_out(dx + base[l], stride)) continue;

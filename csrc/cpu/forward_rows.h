@@ -88,24 +88,31 @@ T jensen_start(const T* u, int64_t c, int64_t stride, T eps, double sum_u) {
   return t;
 }
 
+// The root finding's outcome for a row: F at the answer (double: the normalisation keeps
+// the row's rounding below 1 ulp), and whether float32 resolved it (RootFinder::settled).
+struct RowSolve {
+  double F;
+  bool settled;
+};
+
 template <EntryForm kForm>
-inline double solve_candidates_f32_in_form(const float* u, float* p, int64_t c, float eps, float start) {
+inline RowSolve solve_candidates_f32_in_form(const float* u, float* p, int64_t c, float eps, float start) {
   const float inv_eps = 1.0f / eps;
   RootFinder<float> rf(threshold_upper_bound(eps, static_cast<float>(c)), eps, start);
   double F = 1;
   find_threshold(rf, [&](float t) {
     double sums[3];
     evaluate_candidates_f32<kForm>(u, p, padded(c), t, eps, inv_eps, sums);
-    F = sums[0];  // double: the normalisation keeps the row's rounding below 1 ulp
+    F = sums[0];
     return RootSums<float>{static_cast<float>(sums[0]), static_cast<float>(-sums[1]), static_cast<float>(sums[2])};
   });
-  return F;
+  return {F, rf.settled()};
 }
 
 // The root finding of one float row over its candidates u[0, c) (padded to whole vectors
-// with -inf), 0 < eps <= 1. Leaves p at the last evaluated threshold; returns F there.
+// with -inf), 0 < eps <= 1. Leaves p at the last evaluated threshold.
 ENTMAX_CPU_CLONES
-double solve_candidates_f32(const float* u, float* p, int64_t c, float eps) {
+RowSolve solve_candidates_f32(const float* u, float* p, int64_t c, float eps) {
   double sum_u = 0;
 #pragma omp simd reduction(+ : sum_u)
   for (int64_t j = 0; j < c; ++j) sum_u += u[j];
@@ -158,9 +165,11 @@ void fill_row(scalar_t* y, int64_t n, int64_t stride, acc_t value) {
   for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(value);
 }
 
-// Forward of one row of length n (elements x[k * stride]); alpha per row.
+// Forward of one row of length n (elements x[k * stride]); alpha per row. Returns false,
+// writing nothing, for a float row that float32 does not resolve (RootFinder::settled):
+// the caller solves it in double.
 template <typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_t alpha, RowScratch<acc_t>& s) {
+bool forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_t alpha, RowScratch<acc_t>& s) {
   s.reserve(n);
   const acc_t eps = alpha - acc_t(1);
   for (int64_t k = 0; k < n; ++k) s.u[k] = static_cast<acc_t>(x[k * stride]);
@@ -173,8 +182,14 @@ void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_
     bad |= (v != v) | (v == -neg_inf<acc_t>());  // NaN or +inf
     m = v > m ? v : m;
   }
-  if (bad) return fill_row(y, n, stride, quiet_nan<acc_t>());
-  if (m == neg_inf<acc_t>()) return fill_row(y, n, stride, acc_t(0));  // all masked: zeros by definition
+  if (bad) {
+    fill_row(y, n, stride, quiet_nan<acc_t>());
+    return true;
+  }
+  if (m == neg_inf<acc_t>()) {  // all masked: zeros by definition
+    fill_row(y, n, stride, acc_t(0));
+    return true;
+  }
 
   if (eps == acc_t(0)) {  // alpha = 1: softmax
     double sum = 0;
@@ -190,7 +205,7 @@ void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_
     }
     const acc_t inv = static_cast<acc_t>(1.0 / sum);
     for (int64_t k = 0; k < n; ++k) y[k * stride] = static_cast<scalar_t>(s.p[k] * inv);
-    return;
+    return true;
   }
 
   // Entries more than 1/eps below the max are zero for every t >= 0 (section 8):
@@ -214,18 +229,22 @@ void forward_row(const scalar_t* x, scalar_t* y, int64_t n, int64_t stride, acc_
   for (int64_t j = c; j < padded(c); ++j) s.u[j] = neg_inf<acc_t>();
   double F;
   if constexpr (std::is_same<acc_t, float>::value) {
-    F = solve_candidates_f32(s.u.data(), s.p.data(), c, eps);
+    const RowSolve solved = solve_candidates_f32(s.u.data(), s.p.data(), c, eps);
+    if (!solved.settled) return false;
+    F = solved.F;
   } else {
     F = solve_candidates_f64(s.u.data(), s.p.data(), c, eps);
   }
   const acc_t inv_F = static_cast<acc_t>(1.0 / F);
   fill_row(y, n, stride, acc_t(0));
   for (int64_t j = 0; j < c; ++j) y[s.index[j] * stride] = static_cast<scalar_t>(s.p[j] * inv_F);
+  return true;
 }
 
 // For alpha > 2 the entries at the support edge are p = z^(1/eps) with 1/eps < 1:
 // infinitely sensitive to z there, so float32 rounding of u - t alone costs
-// ~sqrt(ulp). Such float rows run in double.
+// ~sqrt(ulp). Such float rows run in double, and so do the float rows that float32
+// does not resolve (forward_row returns false).
 template <typename scalar_t>
 struct ForwardScratch {
   RowScratch<typename AccType<scalar_t>::type> acc;
@@ -238,8 +257,8 @@ void forward_row_dispatch(const scalar_t* x, scalar_t* y, int64_t n, int64_t str
   using acc_t = typename AccType<scalar_t>::type;
   if (std::is_same<acc_t, float>::value && alpha > acc_t(2)) {
     forward_row<scalar_t, double>(x, y, n, stride, static_cast<double>(alpha), s.wide);
-  } else {
-    forward_row<scalar_t, acc_t>(x, y, n, stride, alpha, s.acc);
+  } else if (!forward_row<scalar_t, acc_t>(x, y, n, stride, alpha, s.acc)) {
+    forward_row<scalar_t, double>(x, y, n, stride, static_cast<double>(alpha), s.wide);
   }
 }
 
@@ -265,21 +284,24 @@ inline BatchForm batch_form(EntryForm first, bool uniform) {
 // lanes' steps (RootFinder::step, branch-free) run as one vector loop. Flags as int: the
 // vectoriser did not combine conditions loaded as bytes with those of float compares.
 struct FinderLanes {
-  float lo[kBatchLanes], hi[kBatchLanes], t[kBatchLanes], F[kBatchLanes], extrapolation[kBatchLanes];
-  int iterations[kBatchLanes], last[kBatchLanes], trust_small_step[kBatchLanes], done[kBatchLanes],
-      single[kBatchLanes], log_space[kBatchLanes], may_extrapolate[kBatchLanes];
+  float lo[kBatchLanes], hi[kBatchLanes], t[kBatchLanes], F[kBatchLanes], extrapolation[kBatchLanes],
+      step_last[kBatchLanes], step_before[kBatchLanes];
+  int iterations[kBatchLanes], done[kBatchLanes], single[kBatchLanes], log_space[kBatchLanes], convex[kBatchLanes],
+      expect_final[kBatchLanes], may_extrapolate[kBatchLanes];
 
   void set(int l, const RootFinder<float>& f) {
     lo[l] = f.lo; hi[l] = f.hi; t[l] = f.t; F[l] = f.F; extrapolation[l] = f.extrapolation;
-    iterations[l] = f.iterations; last[l] = f.last ? 1 : 0; trust_small_step[l] = f.trust_small_step ? 1 : 0;
-    done[l] = f.done ? 1 : 0; single[l] = f.single ? 1 : 0; log_space[l] = f.log_space ? 1 : 0;
+    step_last[l] = f.step_last; step_before[l] = f.step_before;
+    iterations[l] = f.iterations; done[l] = f.done ? 1 : 0; single[l] = f.single ? 1 : 0;
+    log_space[l] = f.log_space ? 1 : 0; convex[l] = f.convex ? 1 : 0; expect_final[l] = f.expect_final ? 1 : 0;
     may_extrapolate[l] = f.may_extrapolate ? 1 : 0;
   }
   RootFinder<float> get(int l) const {
     RootFinder<float> f;
     f.lo = lo[l]; f.hi = hi[l]; f.t = t[l]; f.F = F[l]; f.extrapolation = extrapolation[l];
-    f.iterations = iterations[l]; f.last = last[l] != 0; f.trust_small_step = trust_small_step[l] != 0;
-    f.done = done[l] != 0; f.single = single[l] != 0; f.log_space = log_space[l] != 0;
+    f.step_last = step_last[l]; f.step_before = step_before[l];
+    f.iterations = iterations[l]; f.done = done[l] != 0; f.single = single[l] != 0;
+    f.log_space = log_space[l] != 0; f.convex = convex[l] != 0; f.expect_final = expect_final[l] != 0;
     f.may_extrapolate = may_extrapolate[l] != 0;
     return f;
   }
@@ -304,6 +326,7 @@ struct BatchSolve {
   float eps[kBatchLanes], inv_eps[kBatchLanes];
   EntryForm form[kBatchLanes];
   int64_t count[kBatchLanes];  // candidates
+  bool settled[kBatchLanes];   // out: float32 resolved the lane's row (RootFinder::settled)
 };
 
 // The lanes' entries u[j][l] (j < rows) at their thresholds t[l]: p, p/z and (1 - eps)
@@ -421,7 +444,7 @@ inline void batch_starts(const float* u, int64_t rows, const BatchSolve& b, floa
 // -inf), then their outputs, p at the threshold / sum p, into u in place. Each lane takes
 // the steps it would take alone: its result does not depend on the rows beside it.
 template <BatchForm kForm>
-inline void solve_batch_f32_in_form(float* u, const BatchSolve& b, ForwardBatch& fb) {
+inline void solve_batch_f32_in_form(float* u, BatchSolve& b, ForwardBatch& fb) {
   float start[kBatchLanes], upper[kBatchLanes];
   int64_t rows = 0;
   for (int l = 0; l < kBatchLanes; ++l) rows = std::max(rows, b.count[l]);
@@ -469,6 +492,7 @@ inline void solve_batch_f32_in_form(float* u, const BatchSolve& b, ForwardBatch&
   // Each lane's answer: its last evaluation, or the Taylor expansion of it by the final step.
   float dt[kBatchLanes], inv_F[kBatchLanes];
   for (int l = 0; l < kBatchLanes; ++l) {
+    b.settled[l] = finders.get(l).settled();
     dt[l] = finders.extrapolation[l];
     inv_F[l] = static_cast<float>(1.0 / extrapolate_sum<double>(F[l], dF[l], d2F[l], dt[l]));
   }
@@ -535,7 +559,7 @@ float* contiguous_float_out(scalar_t* y, int64_t stride) {
 // Forward of rows r0 .. r0 + lanes - 1 (each of length n, elements x[base + k * stride]),
 // float arithmetic. Rows the batch does not take (alpha = 1, alpha > 2, invalid alpha, too
 // many candidates) go through forward_row_dispatch; NaN and all-masked rows are written
-// directly.
+// directly; rows the batch does not resolve in float32 are solved again in double.
 template <typename scalar_t>
 void forward_batch(const scalar_t* x, scalar_t* y, const float* alpha, int64_t r0, int lanes, int64_t n,
                    int64_t stride, ForwardBatch& fb, ForwardScratch<scalar_t>& fallback) {
@@ -546,6 +570,7 @@ void forward_batch(const scalar_t* x, scalar_t* y, const float* alpha, int64_t r
   BatchSolve b;
   for (int l = 0; l < kBatchLanes; ++l) {
     b.solve[l] = false;
+    b.settled[l] = true;
     b.count[l] = 0;
     cut[l] = 0;
   }
@@ -582,7 +607,13 @@ void forward_batch(const scalar_t* x, scalar_t* y, const float* alpha, int64_t r
   solve_batch_f32(fb.u.data(), b, fb);
   store_selected(fb.u.data(), height, out, n, fb.lanes);
   for (int l = 0; l < lanes; ++l) {
-    if (out[l] == nullptr || out[l] == contiguous_float_out(y + base[l], stride)) continue;
+    if (out[l] == nullptr) continue;
+    if (!b.settled[l]) {
+      forward_row<scalar_t, double>(x + base[l], y + base[l], n, stride, static_cast<double>(alpha[r0 + l]),
+                                    fallback.wide);
+      continue;
+    }
+    if (out[l] == contiguous_float_out(y + base[l], stride)) continue;
     for (int64_t k = 0; k < n; ++k) y[base[l] + k * stride] = static_cast<scalar_t>(out[l][k]);
   }
 }

@@ -76,9 +76,10 @@ struct CountSum {
 
 // ------------------------------------------------------------------ forward_group_kernel
 
-// solve_group_rows for one row (the kernel's lockstep changes no row's steps).
+// solve_group_rows for one row (the kernel's lockstep changes no row's steps); returns
+// whether comp_t resolved it (RootFinder::settled).
 template <typename comp_t, typename scalar_t, typename acc_t, int G, int K>
-void solve_group_row(scalar_t* yr, int n, const acc_t* value, const uint16_t* index, int c,
+bool solve_group_row(scalar_t* yr, int n, const acc_t* value, const uint16_t* index, int c,
                      const unsigned (&candidate_slots)[G], acc_t m_acc, acc_t eps_acc, const acc_t (&sum_u)[G]) {
   const comp_t eps = static_cast<comp_t>(eps_acc), m = static_cast<comp_t>(m_acc);
   const comp_t inv_eps = eps > comp_t(0) ? comp_t(1) / eps : comp_t(0);
@@ -112,6 +113,7 @@ void solve_group_row(scalar_t* yr, int n, const acc_t* value, const uint16_t* in
     lane_write<scalar_t, comp_t, acc_t, G, K>(yr, n, l, candidate_slots[l], acc_t(0), index, c, p[l],
                                               comp_t(1) / rf.F);
   }
+  return rf.settled();
 }
 
 template <typename scalar_t, int G, int K>
@@ -153,17 +155,19 @@ void forward_group_row(const scalar_t* xr, scalar_t* yr, int n, typename AccType
       }
     }
   }
-  if (kind == RowKind::kWide) {
-    solve_group_row<double, scalar_t, acc_t, G, K>(yr, n, value, index, c, candidate_slots, m, eps, sum_u);
-  } else {
-    solve_group_row<acc_t, scalar_t, acc_t, G, K>(yr, n, value, index, c, candidate_slots, m, eps, sum_u);
-  }
+  // Float rows with alpha > 2, and those float32 does not resolve, in double.
+  const bool wide = kind == RowKind::kWide ||
+                    (!solve_group_row<acc_t, scalar_t, acc_t, G, K>(yr, n, value, index, c, candidate_slots, m, eps,
+                                                                    sum_u) &&
+                     std::is_same<acc_t, float>::value);
+  if (wide) solve_group_row<double, scalar_t, acc_t, G, K>(yr, n, value, index, c, candidate_slots, m, eps, sum_u);
 }
 
 // ------------------------------------------------------------------ forward_long_row_kernel
 
+// Returns whether comp_t resolved the row (RootFinder::settled).
 template <typename comp_t, typename scalar_t, typename acc_t>
-void solve_long_row(const std::vector<std::vector<acc_t>>& cache, const std::vector<Chunk>& chunks, scalar_t* yr,
+bool solve_long_row(const std::vector<std::vector<acc_t>>& cache, const std::vector<Chunk>& chunks, scalar_t* yr,
                     comp_t m, comp_t eps) {
   const int blocks = static_cast<int>(chunks.size());
   const comp_t inv_eps = eps > comp_t(0) ? comp_t(1) / eps : comp_t(0);
@@ -205,6 +209,7 @@ void solve_long_row(const std::vector<std::vector<acc_t>>& cache, const std::vec
           static_cast<scalar_t>(inside ? entry_terms<comp_t, LibMath>(u, t, eps, inv_eps, form).p * inv_F : comp_t(0));
     }
   }
+  return rf.settled();
 }
 
 template <typename scalar_t>
@@ -229,10 +234,10 @@ void forward_long_row(const scalar_t* xr, scalar_t* yr, int64_t n, typename AccT
   if (kind == RowKind::kNan || kind == RowKind::kZero) {
     const acc_t fill = kind == RowKind::kNan ? quiet_nan<acc_t>() : acc_t(0);
     for (int64_t k = 0; k < n; ++k) yr[k] = static_cast<scalar_t>(fill);
-  } else if (kind == RowKind::kWide) {
+  } else if (kind == RowKind::kWide ||
+             (!solve_long_row<acc_t>(cache, chunks, yr, m, eps) && std::is_same<acc_t, float>::value)) {
+    // Float rows with alpha > 2, and those float32 does not resolve, in double.
     solve_long_row<double>(cache, chunks, yr, static_cast<double>(m), static_cast<double>(eps));
-  } else {
-    solve_long_row<acc_t>(cache, chunks, yr, m, eps);
   }
 }
 
@@ -250,13 +255,12 @@ acc_t backward_group_row_in(const acc_t (&p)[G][K], const acc_t (&dy)[G][K], sca
   }
   const BackwardSums<comp_t> s = butterfly<G>(shares, Plus());
   const comp_t q = backward_q(s.g, s.g_dy);
+  comp_t alpha_shares[G];
   for (int l = 0; l < G; ++l) {
-    for (int j = 0; j < K; ++j) {
-      const int k = l + j * G;
-      if (k < n) dxr[k] = static_cast<scalar_t>(g[l][j] * (static_cast<comp_t>(dy[l][j]) - q));
-    }
+    alpha_shares[l] = lane_backward_output<ALPHA_GRAD, comp_t, scalar_t, acc_t, LibMath, G, K>(
+        p[l], dy[l], g[l], dxr, n, l, eps, inv_eps, q, alpha_gradient_center(s, eps));
   }
-  return static_cast<acc_t>(ALPHA_GRAD ? alpha_gradient(s, eps) : comp_t(0));
+  return static_cast<acc_t>(ALPHA_GRAD ? butterfly<G>(alpha_shares, Plus()) : comp_t(0));
 }
 
 template <bool ALPHA_GRAD, typename scalar_t, int G, int K>
@@ -290,12 +294,14 @@ double backward_long_row_in(const scalar_t* dyr, const scalar_t* yr, scalar_t* d
                                                               eps, inv_eps, form);
   });
   const comp_t q = static_cast<comp_t>(backward_q(s.g, s.g_dy));
-  for (int64_t k = 0; k < n; ++k) {
-    const comp_t pk = static_cast<comp_t>(yr[k]);
-    const comp_t g = on_support(pk) ? support_weight_in_form<comp_t, LibMath>(pk, eps, form) : comp_t(0);
-    dxr[k] = static_cast<scalar_t>(g * (static_cast<comp_t>(dyr[k]) - q));
-  }
-  return ALPHA_GRAD ? alpha_gradient(s, static_cast<double>(eps)) : 0.0;
+  const AlphaCenter<comp_t> center = alpha_gradient_center(s, eps);
+  const double dalpha = row_combine<double>(blocks, [&](int b, int tid) {
+    const Chunk chunk = long_row_chunk(n, blocks, b);
+    return thread_backward_output<ALPHA_GRAD, comp_t, LibMath>(yr + chunk.begin, dyr + chunk.begin, dxr + chunk.begin,
+                                                               Chunk{0, chunk.end - chunk.begin}, tid,
+                                                               kLongRowThreads, eps, inv_eps, form, q, center);
+  });
+  return ALPHA_GRAD ? dalpha : 0.0;
 }
 
 template <bool ALPHA_GRAD, typename scalar_t>

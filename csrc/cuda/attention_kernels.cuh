@@ -369,94 +369,111 @@ __device__ __forceinline__ void forward_tile(const AttentionParams& p) {
     }
   }
 
-  // Threshold passes while a row of the tile iterates; a block is skipped when it
-  // is zero at every threshold >= lo for every pending row (for a warp: its rows).
-  for (;;) {
-    const bool pending[2] = {!th[0].ready, !th[1].ready};
-    if (!__syncthreads_or(pending[0] || pending[1])) break;
-    double F[2] = {0, 0}, minus_dF[2] = {0, 0};
-    for (int64_t kt = 0; kt < n_kt; ++kt) {
-      const acc_t M = block_max[kt >> p.bm_shift];
-      bool need[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        need[r] = pending[r] && !attention::zero_at_or_above(M - th[r].m, th[r].lo, th[r].eps);
-      const bool warp_need = __any_sync(kFullMask, need[0] || need[1]);
-      if (!__syncthreads_or(warp_need)) continue;
-      scores(kt, warp_need);
-      if (!warp_need) continue;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        acc_t f = 0, dz = 0;
-        if (need[r]) {
-          const acc_t t = th[r].t();
-#pragma unroll
-          for (int nt = 0; nt < kTileNt; ++nt)
-#pragma unroll
-            for (int e = 2 * r; e < 2 * r + 2; ++e) {
-              const EntryAtT<acc_t> en = attention::score_entry(S.v[nt][e] - th[r].m, t, th[r].eps, th[r].inv_eps);
-              f += en.p;
-              dz += en.p_over_z;
-            }
-        }
-        F[r] += quad_sum(f);
-        minus_dF[r] += quad_sum(dz);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      if (pending[r]) th[r].update(static_cast<acc_t>(F[r]), static_cast<acc_t>(-minus_dF[r]));
-  }
-
-  // Output pass, one chunk of value columns at a time (the block map and sum p in the first).
+  // Threshold passes, then the output pass at the thresholds they settle on; again for the
+  // rows whose finder does not accept the output pass's evaluation (rare: see RowThreshold).
   const bool any_bad = __syncthreads_or(th[0].kind == Threshold::kBad || th[1].kind == Threshold::kBad);
-  double sum_p[2] = {0, 0};
-  Frag<acc_t, NT> O;
-  for (int c0 = 0; c0 < p.Dv; c0 += Gemm::kChunk) {
-    O.zero();
-    for (int64_t kt = 0; kt < n_kt; ++kt) {
-      const acc_t M = block_max[kt >> p.bm_shift];
-      bool act[2];
+  double sum_p[2], minus_dF_out[2];
+  for (;;) {
+    // Threshold passes while a row of the tile iterates; a block is skipped when it
+    // is zero at every threshold >= lo for every pending row (for a warp: its rows).
+    for (;;) {
+      const bool pending[2] = {!th[0].ready, !th[1].ready};
+      if (!__syncthreads_or(pending[0] || pending[1])) break;
+      double F[2] = {0, 0}, minus_dF[2] = {0, 0};
+      for (int64_t kt = 0; kt < n_kt; ++kt) {
+        const acc_t M = block_max[kt >> p.bm_shift];
+        bool need[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-        act[r] = th[r].computes() && !attention::zero_at_or_above(M - th[r].m, th[r].t(), th[r].eps);
-      const bool warp_act = __any_sync(kFullMask, act[0] || act[1]);
-      const bool block_act = __syncthreads_or(warp_act);
-      // A bad row's gradient is NaN wherever it can attend: the backward visits those blocks.
-      if (c0 == 0 && tid == 0) map_row[kt] = (block_act || (any_bad && M > neg_inf<acc_t>())) ? 1 : 0;
-      if (!block_act) continue;
-      gemm.template load<kY1>(tile_of<scalar_t>(p.v, p.v_st, p.v_vec16, b, hk, kt * kTile, p.Lk, p.Dv), acc_t(1), c0);
-      scores(kt, warp_act);  // its leading __syncthreads() also covers the V load
-      if (warp_act) {
+        for (int r = 0; r < 2; ++r)
+          need[r] = pending[r] && !attention::zero_at_or_above(M - th[r].m, th[r].lo, th[r].eps);
+        const bool warp_need = __any_sync(kFullMask, need[0] || need[1]);
+        if (!__syncthreads_or(warp_need)) continue;
+        scores(kt, warp_need);
+        if (!warp_need) continue;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          acc_t f = 0;
-          const acc_t t = th[r].t();
+          acc_t f = 0, dz = 0;
+          if (need[r]) {
+            const acc_t t = th[r].t();
 #pragma unroll
-          for (int nt = 0; nt < kTileNt; ++nt)
+            for (int nt = 0; nt < kTileNt; ++nt)
 #pragma unroll
-            for (int e = 2 * r; e < 2 * r + 2; ++e) {
-              const acc_t pe =
-                  act[r] ? attention::score_entry(S.v[nt][e] - th[r].m, t, th[r].eps, th[r].inv_eps).p : acc_t(0);
-              S.v[nt][e] = pe;
-              f += pe;
-            }
-          if (c0 == 0) sum_p[r] += quad_sum(f);
+              for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                const EntryAtT<acc_t> en = attention::score_entry(S.v[nt][e] - th[r].m, t, th[r].eps, th[r].inv_eps);
+                f += en.p;
+                dz += en.p_over_z;
+              }
+          }
+          F[r] += quad_sum(f);
+          minus_dF[r] += quad_sum(dz);
         }
       }
-      gemm.template a_y<kY1>(O, S, 0, warp_act);
-    }
-    // out = O / sum p; bad rows NaN, empty rows 0.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row_i[r] >= p.Lq) continue;
-      acc_t o_scale;
-      if (th[r].kind == Threshold::kBad) o_scale = quiet_nan<acc_t>();
-      else if (th[r].kind == Threshold::kEmpty) o_scale = acc_t(0);
-      else o_scale = static_cast<acc_t>(1.0 / sum_p[r]);
-      store_row_chunk(static_cast<scalar_t*>(p.out) + ((b * p.Hq + h) * p.Lq + row_i[r]) * p.Dv, O, r, c0, p.Dv,
-                      o_scale);
+      for (int r = 0; r < 2; ++r)
+        if (pending[r]) th[r].update(static_cast<acc_t>(F[r]), static_cast<acc_t>(-minus_dF[r]));
     }
+
+    // Output pass, one chunk of value columns at a time (the block map, sum p and F' in the first).
+    sum_p[0] = sum_p[1] = 0;
+    minus_dF_out[0] = minus_dF_out[1] = 0;
+    Frag<acc_t, NT> O;
+    for (int c0 = 0; c0 < p.Dv; c0 += Gemm::kChunk) {
+      O.zero();
+      for (int64_t kt = 0; kt < n_kt; ++kt) {
+        const acc_t M = block_max[kt >> p.bm_shift];
+        bool act[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          act[r] = th[r].computes() && !attention::zero_at_or_above(M - th[r].m, th[r].t(), th[r].eps);
+        const bool warp_act = __any_sync(kFullMask, act[0] || act[1]);
+        const bool block_act = __syncthreads_or(warp_act);
+        // A bad row's gradient is NaN wherever it can attend: the backward visits those blocks.
+        if (c0 == 0 && tid == 0) map_row[kt] = (block_act || (any_bad && M > neg_inf<acc_t>())) ? 1 : 0;
+        if (!block_act) continue;
+        gemm.template load<kY1>(tile_of<scalar_t>(p.v, p.v_st, p.v_vec16, b, hk, kt * kTile, p.Lk, p.Dv), acc_t(1), c0);
+        scores(kt, warp_act);  // its leading __syncthreads() also covers the V load
+        if (warp_act) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            acc_t f = 0, dz = 0;
+            const acc_t t = th[r].t();
+#pragma unroll
+            for (int nt = 0; nt < kTileNt; ++nt)
+#pragma unroll
+              for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                EntryAtT<acc_t> en{acc_t(0), acc_t(0)};
+                if (act[r]) en = attention::score_entry(S.v[nt][e] - th[r].m, t, th[r].eps, th[r].inv_eps);
+                S.v[nt][e] = en.p;
+                f += en.p;
+                dz += en.p_over_z;
+              }
+            if (c0 == 0) {
+              sum_p[r] += quad_sum(f);
+              minus_dF_out[r] += quad_sum(dz);
+            }
+          }
+        }
+        gemm.template a_y<kY1>(O, S, 0, warp_act);
+      }
+      // out = O / sum p; bad rows NaN, empty rows 0.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (row_i[r] >= p.Lq) continue;
+        acc_t o_scale;
+        if (th[r].kind == Threshold::kBad) o_scale = quiet_nan<acc_t>();
+        else if (th[r].kind == Threshold::kEmpty) o_scale = acc_t(0);
+        else o_scale = static_cast<acc_t>(1.0 / sum_p[r]);
+        store_row_chunk(static_cast<scalar_t*>(p.out) + ((b * p.Hq + h) * p.Lq + row_i[r]) * p.Dv, O, r, c0, p.Dv,
+                        o_scale);
+      }
+    }
+
+    bool accepted = true;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row_i[r] < p.Lq)
+        accepted &= th[r].check_output(static_cast<acc_t>(sum_p[r]), static_cast<acc_t>(-minus_dF_out[r]));
+    if (!__syncthreads_or(!accepted)) break;
   }
 
   // Row statistics (lane 0 of a quad writes its first row, lane 1 its second).
@@ -477,7 +494,7 @@ __device__ __forceinline__ void forward_tile(const AttentionParams& p) {
     st[stat_index(p, b, h, attention::kStatThreshold, row_i[r])] = t;
     st[stat_index(p, b, h, attention::kStatInvNorm, row_i[r])] = inv_norm;
     st[stat_index(p, b, h, attention::kStatEvaluations, row_i[r])] =
-        static_cast<acc_t>(th[r].computes() ? th[r].evaluations + 1 : 0);
+        static_cast<acc_t>(th[r].computes() ? th[r].evaluations : 0);
   }
 }
 
@@ -586,12 +603,8 @@ __device__ __forceinline__ void backward_rows_tile(const AttentionParams& p) {
       part.g = quad_sum(part.g);
       part.g_dy = quad_sum(part.g_dy);
       if (p.alpha_grad) {
-        part.p_l = quad_sum(part.p_l);
-        part.p_v = quad_sum(part.p_v);
-        part.p_v_l = quad_sum(part.p_v_l);
-        part.g_w = quad_sum(part.g_w);
-        part.g_r = quad_sum(part.g_r);
-        part.dy_g_rwl = quad_sum(part.dy_g_rwl);
+        part.g_c = quad_sum(part.g_c);
+        part.g_dy_c = quad_sum(part.g_dy_c);
       }
       sums[r] = sums[r] + math::widen(part);
     }
@@ -603,7 +616,7 @@ __device__ __forceinline__ void backward_rows_tile(const AttentionParams& p) {
     if (fc.tq != r || row_i[r] >= p.Lq) continue;
     const int64_t at = (b * p.Hq + h) * p.Lq + row_i[r];
     static_cast<acc_t*>(p.q_rows)[at] = q_row[r];
-    const acc_t da = p.alpha_grad ? static_cast<acc_t>(math::alpha_gradient(sums[r], static_cast<double>(row[r].eps)))
+    const acc_t da = p.alpha_grad ? static_cast<acc_t>(math::alpha_gradient(sums[r]))
                                   : acc_t(0);
     static_cast<acc_t*>(p.grad_alpha)[at] = bad[r] ? quiet_nan<acc_t>() : da;
   }

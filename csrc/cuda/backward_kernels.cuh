@@ -3,7 +3,7 @@
 //  - backward_group_kernel<G, K>: rows of up to G * K <= 1024 entries, a group of G lanes
 //    per row, p and dy read once into registers, dX written once;
 //  - backward_long_row_kernel<BLOCKS>: a block (or a cluster of BLOCKS blocks) per row:
-//    one pass for the sums, one for dX.
+//    one pass for the sums, one for dX (and the alpha-gradient's centred sum).
 // Float rows with alpha > 2 run in double, as their forward (their weights g = p^(2-alpha)
 // at the support edge are huge).
 #pragma once
@@ -24,16 +24,14 @@ __device__ __forceinline__ void backward_group_rows(bool mine, const acc_t (&p)[
   const comp_t eps = static_cast<comp_t>(eps_acc);
   const comp_t inv_eps = eps > comp_t(0) ? comp_t(1) / eps : comp_t(0);
   comp_t g[K];
+  const int n_mine = mine ? n : 0;
   const BackwardSums<comp_t> s = group_combine<G>(lane_backward_share<ALPHA_GRAD, comp_t, acc_t, LibMath, G, K>(
-      p, dy, mine ? n : 0, lane, eps, inv_eps, entry_form(eps), g));
-  if (!mine) return;
+      p, dy, n_mine, lane, eps, inv_eps, entry_form(eps), g));
   const comp_t q = backward_q(s.g, s.g_dy);
-#pragma unroll
-  for (int j = 0; j < K; ++j) {
-    const int k = lane + j * G;
-    if (k < n) dxr[k] = static_cast<scalar_t>(g[j] * (static_cast<comp_t>(dy[j]) - q));
-  }
-  if (lane == 0) *dalpha_row = static_cast<acc_t>(ALPHA_GRAD ? alpha_gradient(s, eps) : comp_t(0));
+  const comp_t share = lane_backward_output<ALPHA_GRAD, comp_t, scalar_t, acc_t, LibMath, G, K>(
+      p, dy, g, dxr, n_mine, lane, eps, inv_eps, q, alpha_gradient_center(s, eps));
+  const comp_t dalpha = ALPHA_GRAD ? group_combine<G>(share) : comp_t(0);
+  if (mine && lane == 0) *dalpha_row = static_cast<acc_t>(dalpha);
 }
 
 // Loads the lane's entries of a row (zeros past n).
@@ -101,14 +99,11 @@ __device__ void backward_long_row(const scalar_t* __restrict__ pr, const scalar_
                                                          inv_eps, form),
       slots);
   const comp_t q = static_cast<comp_t>(backward_q(s.g, s.g_dy));
-  for (int64_t k = threadIdx.x; k < len; k += kLongRowThreads) {
-    const comp_t pk = static_cast<comp_t>(pr[k]);
-    const comp_t g = on_support(pk) ? support_weight_in_form<comp_t, LibMath>(pk, eps, form) : comp_t(0);
-    dxr[k] = static_cast<scalar_t>(g * (static_cast<comp_t>(dyr[k]) - q));
-  }
-  if (cluster_rank<BLOCKS>() == 0 && threadIdx.x == 0) {
-    *dalpha_row = static_cast<acc_t>(ALPHA_GRAD ? alpha_gradient(s, static_cast<double>(eps)) : 0.0);
-  }
+  const AlphaCenter<comp_t> center = alpha_gradient_center(s, eps);
+  double dalpha = thread_backward_output<ALPHA_GRAD, comp_t, LibMath>(pr, dyr, dxr, Chunk{0, len}, threadIdx.x,
+                                                                      kLongRowThreads, eps, inv_eps, form, q, center);
+  if (ALPHA_GRAD) dalpha = reduce_row<BLOCKS>(dalpha, slots);
+  if (cluster_rank<BLOCKS>() == 0 && threadIdx.x == 0) *dalpha_row = static_cast<acc_t>(ALPHA_GRAD ? dalpha : 0.0);
 }
 
 template <typename scalar_t, bool ALPHA_GRAD, int BLOCKS>

@@ -21,10 +21,11 @@ namespace cuda {
 
 // The root finding of the rows of this pass (`mine`: this group's row is one of them),
 // in arithmetic comp_t, and their output. Every lane of the warp calls it (lockstep).
+// Returns whether comp_t resolved this group's row (RootFinder::settled; true if not mine).
 // The lanes keep their candidates' p in registers for the output; the double pass (float
 // rows with alpha > 2, rare) evaluates them once more instead, for the registers' sake.
 template <typename comp_t, typename scalar_t, typename acc_t, int G, int K>
-__device__ __forceinline__ void solve_group_rows(bool mine, scalar_t* yr, int n, int lane, const acc_t* value,
+__device__ __forceinline__ bool solve_group_rows(bool mine, scalar_t* yr, int n, int lane, const acc_t* value,
                                                  const uint16_t* index, int c, unsigned candidate_slots, acc_t m_acc,
                                                  acc_t eps_acc, acc_t sum_u) {
   const comp_t eps = static_cast<comp_t>(eps_acc), m = static_cast<comp_t>(m_acc);
@@ -55,14 +56,16 @@ __device__ __forceinline__ void solve_group_rows(bool mine, scalar_t* yr, int n,
             value, c_mine, lane, m, r[0].t, eps, inv_eps, form, std::is_same<comp_t, acc_t>::value ? p : discarded));
       },
       [](bool done) { return __all_sync(kFullMask, done); });
-  if (!mine) return;
+  if (!mine) return true;
   constexpr bool kKeepP = std::is_same<comp_t, acc_t>::value;
   if (!kKeepP) lane_root_share<comp_t, acc_t, LibMath, G, K>(value, c, lane, m, rf[0].t, eps, inv_eps, form, p);
   lane_write<scalar_t, comp_t, acc_t, G, K>(yr, n, lane, candidate_slots, acc_t(0), index, c, p, comp_t(1) / rf[0].F);
+  return rf[0].settled();
 }
 
-// The double pass, out of line: rare, and its double special functions would otherwise
-// raise every row's register budget.
+// The double pass (float rows with alpha > 2, and those float32 does not resolve), out of
+// line: rare, and its double special functions would otherwise raise every row's register
+// budget.
 template <typename scalar_t, typename acc_t, int G, int K>
 __device__ __noinline__ void solve_wide_group_rows(bool mine, scalar_t* yr, int n, int lane, const acc_t* value,
                                                    const uint16_t* index, int c, unsigned candidate_slots, acc_t m,
@@ -132,12 +135,13 @@ __global__ void __launch_bounds__(kGroupBlockThreads, kGroupMinBlocksPerSM)
       const acc_t fill = kind == RowKind::kNan ? quiet_nan<acc_t>() : acc_t(0);
       lane_fill<scalar_t, acc_t, G, K>(yr, n, lane, fill);
     }
-    solve_group_rows<acc_t, scalar_t, acc_t, G, K>(kind == RowKind::kSolve && live, yr, n, lane, value, index, c,
-                                                   candidate_slots, m, eps, sum_u);
+    const bool settled = solve_group_rows<acc_t, scalar_t, acc_t, G, K>(
+        kind == RowKind::kSolve && live, yr, n, lane, value, index, c, candidate_slots, m, eps, sum_u);
     if constexpr (std::is_same<acc_t, float>::value) {
-      if (__any_sync(kFullMask, live && kind == RowKind::kWide)) {
-        solve_wide_group_rows<scalar_t, acc_t, G, K>(kind == RowKind::kWide && live, yr, n, lane, value, index, c,
-                                                     candidate_slots, m, eps, sum_u);
+      const bool wide = live && (kind == RowKind::kWide || !settled);
+      if (__any_sync(kFullMask, wide)) {
+        solve_wide_group_rows<scalar_t, acc_t, G, K>(wide, yr, n, lane, value, index, c, candidate_slots, m, eps,
+                                                     sum_u);
       }
     }
     __syncwarp();  // the group's candidates are rewritten for its next row
@@ -179,9 +183,10 @@ __device__ __forceinline__ MaxBad<acc_t> load_chunk(const scalar_t* __restrict__
 }
 
 // The threshold of a long row in arithmetic comp_t (every block of the row's cluster takes
-// the same steps on the same sums), then its chunk of the output.
+// the same steps on the same sums), then its chunk of the output. Returns whether comp_t
+// resolved the row (RootFinder::settled; the same on every block of the cluster).
 template <int BLOCKS, typename comp_t, typename scalar_t, typename Src>
-__device__ void solve_long_row(const Src* src, int64_t len, scalar_t* __restrict__ yr, comp_t m, comp_t eps,
+__device__ bool solve_long_row(const Src* src, int64_t len, scalar_t* __restrict__ yr, comp_t m, comp_t eps,
                                ReduceSlots& slots) {
   const comp_t inv_eps = eps > comp_t(0) ? comp_t(1) / eps : comp_t(0);
   const EntryForm form = entry_form(eps);
@@ -220,6 +225,7 @@ __device__ void solve_long_row(const Src* src, int64_t len, scalar_t* __restrict
     const bool inside = form == EntryForm::kSoftmax || eps * (u - t) > comp_t(-1);
     yr[k] = static_cast<scalar_t>(inside ? entry_terms<comp_t, LibMath>(u, t, eps, inv_eps, form).p * inv_F : comp_t(0));
   }
+  return rf.settled();
 }
 
 template <typename scalar_t, bool CACHED, int BLOCKS>
@@ -243,12 +249,18 @@ __global__ void __launch_bounds__(kLongRowThreads)
     if (kind == RowKind::kNan || kind == RowKind::kZero) {
       const acc_t fill = kind == RowKind::kNan ? quiet_nan<acc_t>() : acc_t(0);
       for (int64_t k = threadIdx.x; k < len; k += kLongRowThreads) yr[k] = static_cast<scalar_t>(fill);
-    } else if (kind == RowKind::kWide) {
-      if (CACHED) solve_long_row<BLOCKS, double>(cache, len, yr, double(mb.m), double(eps), slots);
-      else solve_long_row<BLOCKS, double>(xr, len, yr, double(mb.m), double(eps), slots);
     } else {
-      if (CACHED) solve_long_row<BLOCKS, acc_t>(cache, len, yr, mb.m, eps, slots);
-      else solve_long_row<BLOCKS, acc_t>(xr, len, yr, mb.m, eps, slots);
+      // Float rows with alpha > 2, and those float32 does not resolve, in double.
+      bool wide = kind == RowKind::kWide;
+      if (!wide) {
+        const bool settled = CACHED ? solve_long_row<BLOCKS, acc_t>(cache, len, yr, mb.m, eps, slots)
+                                    : solve_long_row<BLOCKS, acc_t>(xr, len, yr, mb.m, eps, slots);
+        wide = !settled && std::is_same<acc_t, float>::value;
+      }
+      if (wide) {
+        if (CACHED) solve_long_row<BLOCKS, double>(cache, len, yr, double(mb.m), double(eps), slots);
+        else solve_long_row<BLOCKS, double>(xr, len, yr, double(mb.m), double(eps), slots);
+      }
     }
     __syncthreads();  // the cache is rewritten by the next row
   }

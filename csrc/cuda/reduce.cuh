@@ -34,9 +34,8 @@ __device__ __forceinline__ RootSums<T> shfl_xor(const RootSums<T>& s, int offset
 template <typename T>
 __device__ __forceinline__ BackwardSums<T> shfl_xor(const BackwardSums<T>& s, int offset) {
   BackwardSums<T> r;
-  r.g = shfl_xor(s.g, offset); r.g_dy = shfl_xor(s.g_dy, offset); r.p_l = shfl_xor(s.p_l, offset);
-  r.p_v = shfl_xor(s.p_v, offset); r.p_v_l = shfl_xor(s.p_v_l, offset); r.g_w = shfl_xor(s.g_w, offset);
-  r.g_r = shfl_xor(s.g_r, offset); r.dy_g_rwl = shfl_xor(s.dy_g_rwl, offset);
+  r.g = shfl_xor(s.g, offset); r.g_dy = shfl_xor(s.g_dy, offset);
+  r.g_c = shfl_xor(s.g_c, offset); r.g_dy_c = shfl_xor(s.g_dy_c, offset);
   return r;
 }
 
