@@ -144,6 +144,11 @@ def _check_qkv(query, key, value, enable_gqa: bool):
         raise ValueError(
             f"scaled_dot_product_entmax: key and value must have the same number of heads, got {Hk} and {Hv}"
         )
+    if Hk == 0 and Hq != 0:  # (SDPA gives no error here; there is nothing a query row could attend to)
+        raise ValueError(
+            f"scaled_dot_product_entmax: key and value have 0 heads (dimension -3) but query has {Hq}; "
+            "query heads must be 0 too, or key/value need at least one head"
+        )
     if Hk != Hq and Hk != 1:
         if not enable_gqa:
             raise ValueError(
@@ -255,11 +260,17 @@ def _scale_of(scale, E: int) -> float:
 
 
 def _attention(query, key, value, alpha, mask, causal: int, scale, enable_gqa: bool, mask_name: str):
-    batch_shape, Hq, _, out_shape = _check_qkv(query, key, value, enable_gqa)
+    batch_shape, Hq, Hkv, out_shape = _check_qkv(query, key, value, enable_gqa)
     B = math.prod(batch_shape)
     q, k, v = (_as_bhld(t, batch_shape) for t in (query, key, value))
     alpha_rows = _alpha_rows(alpha, out_shape, Hq, B, query)
     mask_rows = None if mask is None else _mask_rows(mask, out_shape, key.shape[-2], B, Hq, query, mask_name)
+    if Hkv == 0:
+        # No heads at all (Hq == 0 too, _check_qkv saw to it): the empty result, as SDPA's. The ops
+        # need Hkv >= 1, so build it from empty tensors with autograd ops, which keeps it differentiable:
+        # q, k, v get empty gradients and a tensor alpha zeros of its shape (through the expand).
+        empty = (q @ k.transpose(-2, -1)) @ v + alpha_rows.unsqueeze(-1).to(q.dtype)
+        return empty.reshape(out_shape)
     out, _, _ = forward_op(q, k, v, alpha_rows, mask_rows, causal, _scale_of(scale, query.shape[-1]))
     return out.reshape(out_shape)
 

@@ -124,12 +124,24 @@ def fenchel_young_loss(caller: str, X, target, alpha, ignore_index=None):
     target = target.long()
     ignored = target == ignore_index if ignore_index is not None else torch.zeros_like(target, dtype=torch.bool)
     out_of_range = ((target < 0) | (target >= X.shape[1])) & ~ignored
-    if out_of_range.any():  # one device sync: a wrong class index must not become a plausible number
+    ignoring = f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # torch.compile(fullgraph=True) cannot branch on data: the same check as a graph op, which
+        # raises a RuntimeError when the compiled code runs (on the CPU; on CUDA a device-side
+        # assert, which ends the process's CUDA context). Its message cannot name the bad index.
+        # Out-of-range targets index class 0 below (so that this message, not an indexing error,
+        # is what the compiled code reports) and their loss and gradients are NaN, never a
+        # plausible number, should the assert be compiled out.
+        torch._assert_async(~out_of_range.any(), f"{caller}: target holds a class index outside "
+                            f"[0, n_classes = X.shape[1]){ignoring}")
+    elif out_of_range.any():  # one device sync: a wrong class index must not become a plausible number
         bad = target[out_of_range][0].item()
-        ignoring = f" and is not ignore_index ({ignore_index})" if ignore_index is not None else ""
         raise ValueError(f"{caller}: target holds class index {bad}, outside [0, {X.shape[1]}) for "
                          f"X of shape {tuple(X.shape)}{ignoring}")
-    loss = _FenchelYoungLoss.apply(X, target.masked_fill(ignored, 0), alpha_rows)
+    loss = _FenchelYoungLoss.apply(X, target.masked_fill(ignored | out_of_range, 0), alpha_rows)
+    if compiling:
+        loss = loss * torch.where(out_of_range, float("nan"), 1.0).to(loss.dtype)
     return loss.masked_fill(ignored, 0.0), (~ignored).sum()
 
 
