@@ -540,27 +540,29 @@ ENTMAX_HD T backward_q(T sum_g, T sum_g_dy) {
   return sum_g == T(0) ? T(0) : sum_g_dy / sum_g;
 }
 
-// The constant c0 of a row's two-pass alpha-gradient, near the g-weighted mean of c, in
-// the two forms of c_key: c0 itself, and K = 1 + eps^2 c0 with c0 = (K - 1) / eps^2 (both
-// rounded from K, so that entries of either form subtract the same constant).
+// The constant c0 of a row's two-pass alpha-gradient: the g-weighted mean of c, which the
+// entries of the series form (c_key = c <= 0) subtract directly. Entries of the far form
+// (c_key = z (1 - x) > 0) subtract K = 1 + eps^2 c0 from c_key before dividing by eps^2 and
+// then r = c0 - (K - 1) / eps^2, the rounding of K, so that both forms subtract c0 itself
+// (in float32 with eps ~ 1e-6, K rounds to 1 and would otherwise drop c0).
 template <typename T>
 struct AlphaCenter {
-  T c0, K, inv_eps2;
+  T c0, K, inv_eps2, r;
 };
 
 template <typename T, typename S>
 ENTMAX_HD AlphaCenter<T> alpha_gradient_center(const BackwardSums<S>& s, T eps) {
   const T mean = s.g == S(0) ? T(0) : static_cast<T>(s.g_c / s.g);
-  if (!(eps > T(0))) return {mean, T(1), T(0)};
+  if (!(eps > T(0))) return {mean, T(1), T(0), T(0)};
   const T inv_eps2 = T(1) / (eps * eps);
   const T K = T(1) + eps * eps * mean;
-  return {(K - T(1)) * inv_eps2, K, inv_eps2};
+  return {mean, K, inv_eps2, mean - (K - T(1)) * inv_eps2};
 }
 
 // c - c0 of an entry, from its c_key: exact for the flat rows' z (1 - x) > 0.
 template <typename T>
 ENTMAX_HD T centred_c(T c_key, const AlphaCenter<T>& a) {
-  return c_key > T(0) ? (c_key - a.K) * a.inv_eps2 : c_key - a.c0;
+  return c_key > T(0) ? (c_key - a.K) * a.inv_eps2 - a.r : c_key - a.c0;
 }
 
 // The two-pass alpha-gradient's term of one entry, from its dX = g (dy - q).

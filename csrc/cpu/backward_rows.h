@@ -372,7 +372,8 @@ void batch_sums_f32(const float* p, const float* dy, float* g_out, float* c_out,
 // dy, and with alpha_grad each lane's sum dX (c - c0) from c_key.
 ENTMAX_CPU_CLONES
 void batch_output_f32(float* dy_dx, const float* g, const float* c, int64_t rows, const float* q, const float* c0,
-                      const float* K, const float* inv_eps2, bool alpha_grad, double* shares) {
+                      const float* K, const float* inv_eps2, const float* r, bool alpha_grad,
+                      double* shares) {
   for (int l = 0; l < kBatchLanes; ++l) shares[l] = 0;
   for (int64_t j0 = 0; j0 < rows; j0 += kSumChunk) {
     const int64_t j1 = std::min(rows, j0 + kSumChunk);
@@ -383,7 +384,7 @@ void batch_output_f32(float* dy_dx, const float* g, const float* c, int64_t rows
       for (int l = 0; l < kBatchLanes; ++l) {
         const float d = g[at + l] * (dy_dx[at + l] - q[l]);
         dy_dx[at + l] = d;
-        const AlphaCenter<float> center{c0[l], K[l], inv_eps2[l]};
+        const AlphaCenter<float> center{c0[l], K[l], inv_eps2[l], r[l]};
         part[l] += alpha_grad ? alpha_gradient_term(d, c[at + l], center) : 0.0f;
       }
     }
@@ -445,16 +446,17 @@ void backward_batch(const scalar_t* dy, const scalar_t* y, scalar_t* dx, const f
   batch_sums_f32(bb.p.data(), bb.dy.data(), bb.g.data(), bb.c.data(), rows, eps, inv_eps, forms,
                  batch_form(forms[first], uniform), alpha_grad, sums);
   // dX = g (dy - q) of the support entries, in place of dy, then into the rows.
-  float q[kBatchLanes], c0[kBatchLanes], K[kBatchLanes], inv_eps2[kBatchLanes];
+  float q[kBatchLanes], c0[kBatchLanes], K[kBatchLanes], inv_eps2[kBatchLanes], r[kBatchLanes];
   for (int l = 0; l < kBatchLanes; ++l) {
     q[l] = static_cast<float>(backward_q(sums[l].g, sums[l].g_dy));
     const AlphaCenter<float> center = alpha_gradient_center(sums[l], eps[l]);
     c0[l] = center.c0;
     K[l] = center.K;
     inv_eps2[l] = center.inv_eps2;
+    r[l] = center.r;
   }
   double shares[kBatchLanes];
-  batch_output_f32(bb.dy.data(), bb.g.data(), bb.c.data(), rows, q, c0, K, inv_eps2, alpha_grad, shares);
+  batch_output_f32(bb.dy.data(), bb.g.data(), bb.c.data(), rows, q, c0, K, inv_eps2, r, alpha_grad, shares);
   float* out[kBatchLanes] = {};
   for (int l = 0; l < lanes; ++l) {
     if (!solve[l]) continue;
