@@ -2,14 +2,33 @@
 
 `device` runs a test on the CPU always and on CUDA when a GPU is visible (CUDA
 variants are marked `cuda`, so a GPU machine selects them with `-m cuda`).
+
+Hypothesis profiles of the property tests (test_entmax_properties.py): "short" (the default:
+derandomized, a fixed number of examples per test, a couple of minutes for the module) and
+"long" (thousands of random examples per test), chosen with ENTMAX_HYPOTHESIS_PROFILE=long.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from testing import DEVICES
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    settings = None
+else:
+    _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+               HealthCheck.function_scoped_fixture]
+    settings.register_profile("short", derandomize=True, max_examples=100, deadline=None, database=None,
+                              suppress_health_check=_HEALTH, print_blob=True)
+    settings.register_profile("long", max_examples=2000, deadline=None, database=None,
+                              suppress_health_check=_HEALTH, print_blob=True)
+    settings.load_profile(os.environ.get("ENTMAX_HYPOTHESIS_PROFILE", "short"))
 
 
 @pytest.fixture(params=DEVICES)
