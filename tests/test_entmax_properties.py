@@ -403,8 +403,11 @@ def test_alpha_2_and_1_5_match_the_sorting_closed_forms(path, case, which):
     alpha = 2.0 if which == "sparsemax" else 1.5
     alpha64 = np.full(case["x64"].shape[0], alpha)
     ref = sparsemax_sorted(case["x64"]) if alpha == 2 else entmax15_sorted(case["x64"])
-    # the closed forms and the bisection oracle are two independent oracles: they agree
-    assert np.nanmax(np.abs(ref - entmax_oracle(case["x64"], alpha64)), initial=0) <= 1e-14
+    # the closed forms and the bisection oracle are two independent oracles: they agree (to 1e-14;
+    # 4e-14 for the long profile's rows of 16384, where the bisection's longdouble sums of n terms
+    # leave more: 1.07e-14 measured at spread 316)
+    agree = 1e-14 if case["x64"].shape[-1] <= 4096 else 4e-14
+    assert np.nanmax(np.abs(ref - entmax_oracle(case["x64"], alpha64)), initial=0) <= agree
     y = forward(path, case["x"], alpha64, "float", alpha)
     check_forward(path, y, case["x64"], alpha64, case["dtype"], quantity="forward_abs_closed_form", ref=ref)
 

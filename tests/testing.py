@@ -148,11 +148,17 @@ def cuda_include_dir():
     return None
 
 
+_EMULATION_LOADED = []  # the emulation's library, once loaded in this process
+
+
 def load_attention_emulation(build_dir):
     """Builds tests/cuda_emulation (the CUDA attention kernels on the CPU) into build_dir with the C++
     compiler ($CXX, else c++; no ninja needed) and returns its ops, torch.ops.entmax_cuda_emulation.
     Build into a fresh folder: the kernel headers change without the source changing. None without the
-    CUDA toolkit's headers or a compiler, or off Linux (the emulator uses glibc's ucontext)."""
+    CUDA toolkit's headers or a compiler, or off Linux (the emulator uses glibc's ucontext). Built and
+    loaded once per process: a second library registering the same ops crashes the process."""
+    if _EMULATION_LOADED:
+        return torch.ops.entmax_cuda_emulation
     import shutil
     import subprocess
 
@@ -173,4 +179,5 @@ def load_attention_emulation(build_dir):
     if done.returncode != 0:
         raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(command)}\n{done.stderr[-4000:]}")
     torch.ops.load_library(str(library))
+    _EMULATION_LOADED.append(library)
     return torch.ops.entmax_cuda_emulation
