@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from testing import DEVICES
+from testing import DEVICES, load_attention_emulation
 
 try:
     from hypothesis import HealthCheck, settings
@@ -29,6 +29,15 @@ else:
     settings.register_profile("long", max_examples=2000, deadline=None, database=None,
                               suppress_health_check=_HEALTH, print_blob=True)
     settings.load_profile(os.environ.get("ENTMAX_HYPOTHESIS_PROFILE", "short"))
+
+
+@pytest.fixture(scope="session")
+def emulation(tmp_path_factory):
+    """The CUDA attention kernels run on the CPU (tests/cuda_emulation), built once per session."""
+    ops = load_attention_emulation(tmp_path_factory.mktemp("attention_emulation"))
+    if ops is None:
+        pytest.skip("no CUDA toolkit headers (cuda_fp16.h: set CUDA_HOME) or no C++ compiler for the emulated kernels")
+    return ops
 
 
 @pytest.fixture(params=DEVICES)

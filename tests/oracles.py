@@ -229,6 +229,19 @@ def _phi(y):
     return np.where(small, series, direct)
 
 
+def _dp_dalpha_parts(p, alpha):
+    """The two terms of dp_i/deps = c_i - s_i C/S (dp_dalpha_oracle), as rows, and p's shape."""
+    pr, a, shape = _as_rows(p, alpha)
+    eps = (a - 1)[:, None]
+    on = pr > 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ell = np.where(on, np.log(np.where(on, pr, 1)), 0)
+        s = np.where(on, pr * np.exp(-eps * ell), 0)
+        c = np.where(on, -pr * ell ** 2 * _phi(-eps * ell), 0)
+    ssum = s.sum(axis=1, keepdims=True)
+    return c, s * c.sum(axis=1, keepdims=True) / np.where(ssum > 0, ssum, 1), shape
+
+
 def dp_dalpha_oracle(p, alpha):
     """dp_i/dalpha of each row from the exact output p (longdouble in, longdouble out).
 
@@ -237,28 +250,14 @@ def dp_dalpha_oracle(p, alpha):
         c_i = -p_i l_i^2 phi(-eps l_i),  s_i = p_i^(1-eps),  l_i = ln p_i,  phi(y) = (e^y - 1 - y)/y^2
     (c_i = -p_i l_i / eps + (p_i - s_i) / eps^2 rearranged without cancellation).
     """
-    pr, a, shape = _as_rows(p, alpha)
-    eps = (a - 1)[:, None]
-    on = pr > 0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ell = np.where(on, np.log(np.where(on, pr, 1)), 0)
-        s = np.where(on, pr * np.exp(-eps * ell), 0)
-        c = np.where(on, -pr * ell ** 2 * _phi(-eps * ell), 0)
-    ssum = s.sum(axis=1, keepdims=True)
-    return (c - s * c.sum(axis=1, keepdims=True) / np.where(ssum > 0, ssum, 1)).reshape(shape)
+    c, shared, shape = _dp_dalpha_parts(p, alpha)
+    return (c - shared).reshape(shape)
 
 
 def dp_dalpha_terms(p, alpha):
     """|c_i| + |s_i C/S| of dp_dalpha_oracle: the size of the terms its difference cancels."""
-    pr, a, shape = _as_rows(p, alpha)
-    eps = (a - 1)[:, None]
-    on = pr > 0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ell = np.where(on, np.log(np.where(on, pr, 1)), 0)
-        s = np.where(on, pr * np.exp(-eps * ell), 0)
-        c = np.where(on, -pr * ell ** 2 * _phi(-eps * ell), 0)
-    ssum = s.sum(axis=1, keepdims=True)
-    return (np.abs(c) + np.abs(s * c.sum(axis=1, keepdims=True) / np.where(ssum > 0, ssum, 1))).reshape(shape)
+    c, shared, shape = _dp_dalpha_parts(p, alpha)
+    return (np.abs(c) + np.abs(shared)).reshape(shape)
 
 
 def resolves(x, alpha, z_min=1e-13):

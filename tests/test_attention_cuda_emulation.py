@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from entmax_cuda import attention
-from testing import REPO_ROOT, acc_dtype, load_attention_emulation
+from testing import REPO_ROOT, acc_dtype
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_attention  # noqa: E402  (its locally structured inputs)
@@ -26,14 +26,6 @@ SIMT, TC64, TC128, TC64_SM75 = 0, 1, 2, 3  # the emulator's policy numbers (atte
 # two devices sum in different orders; tensor cores round P and dS to the input type for the
 # mma (as FlashAttention), relative 2^-11 (float16) and 2^-8 (bfloat16) of an entry.
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture(scope="module")
-def emulation(tmp_path_factory):
-    ops = load_attention_emulation(tmp_path_factory.mktemp("attention_emulation"))
-    if ops is None:
-        pytest.skip("no CUDA toolkit headers (cuda_fp16.h: set CUDA_HOME) or no C++ compiler for the emulated kernels")
-    return ops
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float64, alpha=None, seed=0):

@@ -18,6 +18,7 @@ FWD_ATOL * max(1, max|s| / 10). Hypothesis profiles (example counts) are tests/c
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -25,7 +26,10 @@ from torch.nn.attention.bias import causal_lower_right
 
 import entmax_cuda
 from entmax_cuda import attention
-from testing import acc_dtype, load_attention_emulation
+from testing import REPO_ROOT, acc_dtype
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "cuda_emulation"))
+from route_attention_ops import _EmulatedAttention  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, note, settings  # noqa: E402
@@ -423,57 +427,14 @@ def test_known_counterexample(name):
 # ---------------------------------------------------------------- the CUDA kernels' source on the CPU
 
 
-@pytest.fixture(scope="module")
-def emulation(tmp_path_factory):
-    ops = load_attention_emulation(tmp_path_factory.mktemp("attention_emulation_properties"))
-    if ops is None:
-        pytest.skip("no CUDA toolkit headers (cuda_fp16.h: set CUDA_HOME) or no C++ compiler for the emulated kernels")
-    return ops
-
-
-SIMT = 0  # the emulator's policy number (attention_emulation.cpp)
-
-
 @_share(20)
 @given(case=cases(dtypes=(torch.float64, torch.float32), spreads=st.sampled_from([1e-3, 0.1, 1.0, 10.0]),
                   lengths=st.one_of(st.integers(1, 8), st.sampled_from([63, 64, 65])), heads=2))
 def test_emulated_cuda_kernels_match_the_float64_bisection_composite(emulation, case):
     """A few of the same cases through the CUDA kernels (SIMT: the float32 and float64 path) run on the CPU,
-    called as the Python layer calls the op."""
-
-    def forward(q, k, v, alpha, mask, causal, scale):
-        return emulation.attention_forward(q, k, v, alpha, mask, causal, scale, SIMT, 0, 0)
-
-    def backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad):
-        return emulation.attention_backward(grad_out.contiguous(), q, k, v, alpha, mask, causal, scale, stats,
-                                            block_map, alpha_grad, SIMT, 0)
-
+    called as the Python layer calls the op (tests/cuda_emulation/route_attention_ops.py's routing)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(attention, "forward_op", _EmulatedOp.bind(forward, backward))
+        patch.setenv("ENTMAX_ATTENTION_PATH", "simt")
+        patch.setattr(_EmulatedAttention, "ops", emulation)
+        patch.setattr(attention, "forward_op", _EmulatedAttention.apply)
         check_case(case, "cpu")
-
-
-class _EmulatedOp(torch.autograd.Function):
-    """attention.forward_op's signature on the emulated kernels, differentiable as the real op."""
-
-    forward_fn = backward_fn = None
-
-    @classmethod
-    def bind(cls, forward, backward):
-        cls.forward_fn, cls.backward_fn = staticmethod(forward), staticmethod(backward)
-        return cls.apply
-
-    @staticmethod
-    def forward(ctx, q, k, v, alpha, mask, causal, scale):
-        out, stats, block_map = _EmulatedOp.forward_fn(q, k, v, alpha, mask, causal, scale)
-        ctx.save_for_backward(q, k, v, alpha, stats, block_map)
-        ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
-        ctx.mark_non_differentiable(stats, block_map)
-        return out, stats, block_map
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_stats, _grad_block_map):
-        q, k, v, alpha, stats, block_map = ctx.saved_tensors
-        grads = _EmulatedOp.backward_fn(grad_out, q, k, v, alpha, ctx.mask, ctx.causal, ctx.scale, stats, block_map,
-                                        ctx.needs_input_grad[3])
-        return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:4])) + (None,) * 3
