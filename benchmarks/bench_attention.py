@@ -159,26 +159,26 @@ def nominal_flops(B, H, L, D, causal):
 
 def fused_diagnostics(q, k, v, alpha, causal):
     """Block sparsity and threshold evaluations of the fused forward on these inputs."""
-    from entmax_cuda import attention
+    from entmax_cuda import attention_ops
 
     B, H, L, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     a = torch.as_tensor(alpha.detach() if torch.is_tensor(alpha) else alpha, dtype=acc, device=q.device)
     rows = (a.reshape(1, -1, 1) if a.dim() == 1 else a).expand(B, H, L).contiguous()
     with torch.no_grad():
-        _, stats, block_map = attention.forward_op(q, k, v, rows, None, 1 if causal else 0, D ** -0.5)
+        _, stats, block_map = attention_ops.forward_op(q, k, v, rows, None, 1 if causal else 0, D ** -0.5)
     nq, nk = block_map.shape[-2:]
     if causal:  # the blocks a dense causal kernel computes: key tiles up to each query tile's diagonal
-        last_row = torch.clamp((torch.arange(nq) + 1) * attention.BLOCK_Q, max=L) - 1
-        visible = torch.arange(nk).reshape(1, nk) * attention.BLOCK_K <= last_row.reshape(nq, 1)
+        last_row = torch.clamp((torch.arange(nq) + 1) * attention_ops.BLOCK_Q, max=L) - 1
+        visible = torch.arange(nk).reshape(1, nk) * attention_ops.BLOCK_K <= last_row.reshape(nq, 1)
     else:
         visible = torch.ones(nq, nk, dtype=torch.bool)
     visible = visible.to(block_map.device)
     active = (block_map.bool() & visible).sum().item()
     total = visible.sum().item() * B * H
     evaluations = stats[:, :, 3].float()
-    pad = (-L) % attention.BLOCK_Q
-    tiles = F.pad(evaluations, (0, pad)).reshape(B, H, -1, attention.BLOCK_Q).amax(-1)
+    pad = (-L) % attention_ops.BLOCK_Q
+    tiles = F.pad(evaluations, (0, pad)).reshape(B, H, -1, attention_ops.BLOCK_Q).amax(-1)
     return {"block_sparsity": 1.0 - active / total, "evaluations_mean": evaluations.mean().item(),
             "tile_passes_mean": tiles.mean().item()}
 

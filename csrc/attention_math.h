@@ -45,36 +45,72 @@ enum RowStat : int64_t {
   kNumStats = 4,
 };
 
-// is_causal: key j is visible to query i iff j <= i + offset.
+// is_causal: key j is visible to query i iff j <= i + causal offset.
 enum CausalKind : int64_t { kNotCausal = 0, kCausalUpperLeft = 1, kCausalLowerRight = 2 };
-
-ENTMAX_HD int64_t causal_offset(int64_t kind, int64_t Lq, int64_t Lk) {
-  return kind == kCausalLowerRight ? Lk - Lq : 0;
-}
-
-// Number of keys (a prefix) query row i may see.
-ENTMAX_HD int64_t visible_keys(int64_t i, int64_t causal, int64_t offset, int64_t Lk) {
-  if (causal == kNotCausal) return Lk;
-  const int64_t n = i + offset + 1;
-  return n < 0 ? 0 : (n > Lk ? Lk : n);
-}
 
 ENTMAX_HD int64_t num_tiles(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
-// Key tiles [0, n) that query tile qt has to visit: with a causal mask, the
-// tiles right of its last row's diagonal hold no visible key and are skipped
-// in every pass (their blocks are inactive).
-ENTMAX_HD int64_t key_tiles_for_query_tile(int64_t qt, int64_t Lq, int64_t Lk, int64_t causal) {
-  const int64_t last_row = (qt + 1) * kBlockQ < Lq ? (qt + 1) * kBlockQ - 1 : Lq - 1;
-  return num_tiles(visible_keys(last_row, causal, causal_offset(causal, Lq, Lk), Lk), kBlockK);
-}
+// Keys [lo, hi) (empty when hi <= lo): the keys a query row may see, or the
+// tiles a tile visits.
+struct KeyRange {
+  int64_t lo, hi;
+  ENTMAX_HD bool empty() const { return hi <= lo; }
+  ENTMAX_HD bool contains(int64_t x) const { return lo <= x && x < hi; }
+};
 
-// First query tile whose rows see key tile kt (the backward's key-tile loop
-// starts there under a causal mask).
-ENTMAX_HD int64_t first_query_tile_for_key_tile(int64_t kt, int64_t Lq, int64_t Lk, int64_t causal) {
-  if (causal == kNotCausal) return 0;
-  const int64_t first_row = kt * kBlockK - causal_offset(causal, Lq, Lk);  // smallest i with i + offset >= kt*Bk
-  return first_row <= 0 ? 0 : first_row / kBlockQ;
+// Which keys the query rows of one sequence see (Lq rows, Lk keys, both local to
+// the sequence). Row i is aligned with key i + diag, diag = Lk - Lq (bottom-right,
+// flash-attn's convention for windows and ALiBi). Key j is visible to row i iff
+//   j < Lk,
+//   causal:  j <= i + causal_off (0 upper-left, diag lower-right),
+//   window:  i + diag - left <= j <= i + diag + right (left/right -1: unbounded),
+// and a mask, if any, keeps it. ALiBi adds -slope |i + diag - j| to the score.
+// The visible range [lo(i), hi(i)) has lo and hi nondecreasing in i, so a tile's
+// rows see the union [lo(first row), hi(last row)), and the tiles outside it are
+// never visited.
+struct RowGeometry {
+  int64_t Lq, Lk, diag, causal_off, left, right;
+  bool causal;
+
+  ENTMAX_HD RowGeometry(int64_t Lq_, int64_t Lk_, int64_t causal_kind, int64_t left_, int64_t right_)
+      : Lq(Lq_), Lk(Lk_), diag(Lk_ - Lq_), causal_off(causal_kind == kCausalLowerRight ? Lk_ - Lq_ : 0),
+        left(left_), right(right_), causal(causal_kind != kNotCausal) {}
+
+  ENTMAX_HD KeyRange keys_of_row(int64_t i) const {
+    int64_t lo = 0, hi = Lk;
+    if (causal && i + causal_off + 1 < hi) hi = i + causal_off + 1;
+    if (right >= 0 && i + diag + right + 1 < hi) hi = i + diag + right + 1;
+    if (left >= 0 && i + diag - left > lo) lo = i + diag - left;
+    return KeyRange{lo, hi};
+  }
+
+  // Key tiles the query tile qt visits (its rows' ranges together).
+  ENTMAX_HD KeyRange key_tiles_of_query_tile(int64_t qt) const {
+    const int64_t first = qt * kBlockQ, last = (first + kBlockQ < Lq ? first + kBlockQ : Lq) - 1;
+    if (last < first) return KeyRange{0, 0};
+    const int64_t lo = keys_of_row(first).lo, hi = keys_of_row(last).hi;
+    if (hi <= lo) return KeyRange{0, 0};
+    return KeyRange{lo / kBlockK, num_tiles(hi, kBlockK)};
+  }
+
+  // Query tiles with a row that may see a key of key tile kt (a superset of
+  // those whose key_tiles_of_query_tile contain kt; callers test both).
+  ENTMAX_HD KeyRange query_tiles_of_key_tile(int64_t kt) const {
+    const int64_t j0 = kt * kBlockK, j1 = (j0 + kBlockK < Lk ? j0 + kBlockK : Lk) - 1;
+    int64_t first = 0, last = Lq - 1;  // rows with hi(i) > j0 and lo(i) <= j1
+    if (causal && j0 - causal_off > first) first = j0 - causal_off;
+    if (right >= 0 && j0 - diag - right > first) first = j0 - diag - right;
+    if (left >= 0 && j1 - diag + left < last) last = j1 - diag + left;
+    if (j1 < j0 || last < first) return KeyRange{0, 0};
+    return KeyRange{first / kBlockQ, last / kBlockQ + 1};
+  }
+};
+
+// ALiBi's bias of key j for row i: -slope |i + diag - j|.
+template <typename T>
+ENTMAX_HD T alibi_bias(T slope, int64_t i, int64_t j, int64_t diag) {
+  const int64_t d = i + diag - j;
+  return -slope * static_cast<T>(d < 0 ? -d : d);
 }
 
 // One score at threshold t: p = [1 + eps (u - t)]_+^(1/eps) (u = s - m), and p/z

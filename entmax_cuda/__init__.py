@@ -27,12 +27,13 @@ from .losses import (  # noqa: E402
 )
 from .modules import AdaptiveEntmax, Entmax15, EntmaxBisect, Sparsemax, SparsemaxBisect  # noqa: E402
 from .attention import EntmaxAttention, scaled_dot_product_entmax  # noqa: E402
+from .sequences import entmax_with_kvcache, varlen_entmax  # noqa: E402
 from . import reference  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "entmax", "AdaptiveEntmax", "reference", "__version__",
-    "scaled_dot_product_entmax", "EntmaxAttention",
+    "scaled_dot_product_entmax", "EntmaxAttention", "varlen_entmax", "entmax_with_kvcache",
     # the entmax library's API
     "sparsemax", "entmax15", "entmax_bisect", "sparsemax_bisect",
     "Sparsemax", "Entmax15", "EntmaxBisect", "SparsemaxBisect",

@@ -6,8 +6,9 @@
     o = attn(q, k, v, key_padding_mask=keep, is_causal=True)
 
 The result is entmax(q @ k^T * scale + mask, alpha, dim=-1) @ v without the Lq x Lk score
-matrix: the kernels recompute score tiles from q and k (docs/attention.md). The op's
-autograd formula, fake kernels and argument handling live here; the kernels in csrc/.
+matrix: the kernels recompute score tiles from q and k (docs/attention.md). The argument
+handling lives here (packed sequences and KV-cache decoding in sequences.py), the ops'
+autograd formula and fake kernels in attention_ops.py, the kernels in csrc/.
 """
 
 from __future__ import annotations
@@ -19,73 +20,12 @@ import torch
 from torch import nn
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from . import _build
+from . import _build, attention_ops
+from .attention_ops import CAUSAL_LOWER_RIGHT, CAUSAL_UPPER_LEFT, MAX_HEAD_DIM, NO_GEOMETRY, NOT_CAUSAL
 from .functional import _FLOAT_DTYPES, _accumulation_dtype, _alpha_per_row
 from .modules import AdaptiveEntmax
 
 __all__ = ["scaled_dot_product_entmax", "EntmaxAttention"]
-
-# The kernels' block grid and head-dim limit (csrc/attention_math.h: kBlockQ, kBlockK,
-# kMaxHeadDim); the fake kernel needs the grid for the block map's shape, and a test
-# checks these against what the compiled op returns.
-BLOCK_Q = 64
-BLOCK_K = 64
-MAX_HEAD_DIM = 256
-# The op's causal argument (attention_math.h: CausalKind).
-_NOT_CAUSAL, _CAUSAL_UPPER_LEFT, _CAUSAL_LOWER_RIGHT = 0, 1, 2
-
-forward_op = torch.ops.entmax_cuda.attention_forward.default
-backward_op = torch.ops.entmax_cuda.attention_backward.default
-
-
-# ---------------------------------------------------------------- ops: fake kernels, autograd
-
-
-@torch.library.register_fake("entmax_cuda::attention_forward")
-def _attention_forward_fake(q, k, v, alpha, mask, causal, scale):
-    B, Hq, Lq, _ = q.shape
-    Lk, Dv = k.shape[2], v.shape[3]
-    out = q.new_empty(B, Hq, Lq, Dv)
-    stats = alpha.new_empty(B, Hq, 4, Lq)
-    block_map = q.new_empty(B, Hq, (Lq + BLOCK_Q - 1) // BLOCK_Q, (Lk + BLOCK_K - 1) // BLOCK_K, dtype=torch.uint8)
-    return out, stats, block_map
-
-
-@torch.library.register_fake("entmax_cuda::attention_backward")
-def _attention_backward_fake(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha.new_empty(alpha.shape))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, alpha, mask, causal, scale = inputs
-    _, stats, block_map = output
-    ctx.save_for_backward(q, k, v, alpha, mask, stats, block_map)
-    ctx.causal = causal
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out, _grad_stats, _grad_block_map):
-    q, k, v, alpha, mask, stats, block_map = ctx.saved_tensors
-    grad_q, grad_k, grad_v, grad_alpha = backward_op(
-        grad_out, q, k, v, alpha, mask, ctx.causal, ctx.scale, stats, block_map, ctx.needs_input_grad[3]
-    )
-    grads = [grad_q, grad_k, grad_v, grad_alpha]
-    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:4])) + (None, None, None)
-
-
-torch.library.register_autograd("entmax_cuda::attention_forward", _backward, setup_context=_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "entmax_cuda: double backward (gradients of gradients) of the fused attention is not implemented; "
-        "use the composite entmax_cuda.reference.entmax_bisect_reference(q @ k^T * scale) @ v for that"
-    )
-
-
-torch.library.register_autograd(
-    "entmax_cuda::attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
 
 
 # ---------------------------------------------------------------- arguments
@@ -259,9 +199,43 @@ def _scale_of(scale, E: int) -> float:
     return float(scale)
 
 
-def _attention(query, key, value, alpha, mask, causal: int, scale, enable_gqa: bool, mask_name: str):
+def window_of(caller: str, window_size) -> tuple:
+    """(left, right) of a window_size argument: integers >= -1 (-1: unbounded)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size)):
+        raise TypeError(f"{caller}: window_size must be a pair of integers (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"{caller}: window_size values must be -1 (unbounded) or >= 0, got ({left}, {right})")
+    return left, right
+
+
+def alibi_of(caller: str, slopes, B: int, Hq: int, query: torch.Tensor, batch_name: str = "B"):
+    """ALiBi slopes (Hq,) or (B, Hq) as a (B, Hq) view in the accumulation dtype, or None."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"{caller}: alibi_slopes must be a tensor, got {type(slopes).__name__}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"{caller}: alibi_slopes must be a floating-point tensor, got {slopes.dtype}")
+    if slopes.device != query.device:
+        raise ValueError(f"{caller}: alibi_slopes is on {slopes.device} but query is on {query.device}")
+    if slopes.requires_grad:
+        raise ValueError(f"{caller}: alibi_slopes requires grad, but the fused kernel gives no gradient for them")
+    if tuple(slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(
+            f"{caller}: alibi_slopes must have shape (Hq,) = ({Hq},) or ({batch_name}, Hq) = ({B}, {Hq}), got "
+            f"{tuple(slopes.shape)}"
+        )
+    return slopes.to(_accumulation_dtype(query.dtype)).expand(B, Hq)
+
+
+def _attention(query, key, value, alpha, mask, causal: int, scale, enable_gqa: bool, mask_name: str,
+               alibi_slopes=None, window_size=(-1, -1), caller: str = "scaled_dot_product_entmax"):
     batch_shape, Hq, Hkv, out_shape = _check_qkv(query, key, value, enable_gqa)
     B = math.prod(batch_shape)
+    left, right = window_of(caller, window_size)
+    alibi = alibi_of(caller, alibi_slopes, B, Hq, query)
     q, k, v = (_as_bhld(t, batch_shape) for t in (query, key, value))
     alpha_rows = _alpha_rows(alpha, out_shape, Hq, B, query)
     mask_rows = None if mask is None else _mask_rows(mask, out_shape, key.shape[-2], B, Hq, query, mask_name)
@@ -271,7 +245,9 @@ def _attention(query, key, value, alpha, mask, causal: int, scale, enable_gqa: b
         # q, k, v get empty gradients and a tensor alpha zeros of its shape (through the expand).
         empty = (q @ k.transpose(-2, -1)) @ v + alpha_rows.unsqueeze(-1).to(q.dtype)
         return empty.reshape(out_shape)
-    out, _, _ = forward_op(q, k, v, alpha_rows, mask_rows, causal, _scale_of(scale, query.shape[-1]))
+    geometry = (alibi, left, right) + NO_GEOMETRY[3:]
+    out, _, _ = attention_ops.forward_op(q, k, v, alpha_rows, mask_rows, causal, _scale_of(scale, query.shape[-1]),
+                                         *geometry)
     return out.reshape(out_shape)
 
 
@@ -279,7 +255,7 @@ def _attention(query, key, value, alpha, mask, causal: int, scale, enable_gqa: b
 
 
 def scaled_dot_product_entmax(query, key, value, alpha=1.5, attn_mask=None, is_causal=False, scale=None,
-                              enable_gqa=False) -> torch.Tensor:
+                              enable_gqa=False, alibi_slopes=None, window_size=(-1, -1)) -> torch.Tensor:
     """alpha-entmax attention: entmax(q @ k^T * scale + mask, alpha, dim=-1) @ v, fused.
 
     Arguments and shapes as torch.nn.functional.scaled_dot_product_attention: query
@@ -293,6 +269,11 @@ def scaled_dot_product_entmax(query, key, value, alpha=1.5, attn_mask=None, is_c
     (..., Hq, Lq, Lk), or a torch.nn.attention.bias.CausalBias (causal_upper_left /
     causal_lower_right). is_causal: the upper-left causal mask, as SDPA (query i sees keys
     j <= i); not together with attn_mask. scale: default 1/sqrt(E).
+    alibi_slopes: (Hq,) or (B, Hq) (B the flattened batch), not differentiable: adds
+    -slope * |i + Lk - Lq - j| to the score of query i and key j (flash-attn's convention).
+    window_size (left, right): query i sees only keys j with i + Lk - Lq - left <= j <=
+    i + Lk - Lq + right (-1: unbounded); key tiles outside every row's window are never read.
+    Both combine with masks and causality.
     A query row whose keys are all masked gives a zero output row and zero gradients.
     Float32 is computed exactly (no TF32); float16/bfloat16 accumulate in float32.
     Memory is linear in the lengths: masks are read through broadcast views (with more than
@@ -301,7 +282,7 @@ def scaled_dot_product_entmax(query, key, value, alpha=1.5, attn_mask=None, is_c
     """
     if not isinstance(is_causal, bool):
         raise TypeError(f"scaled_dot_product_entmax: is_causal must be a bool, got {type(is_causal).__name__}")
-    causal = _CAUSAL_UPPER_LEFT if is_causal else _NOT_CAUSAL
+    causal = CAUSAL_UPPER_LEFT if is_causal else NOT_CAUSAL
     if isinstance(attn_mask, CausalBias):
         if is_causal:
             raise ValueError("scaled_dot_product_entmax: a CausalBias attn_mask must not be used with is_causal=True")
@@ -311,11 +292,12 @@ def scaled_dot_product_entmax(query, key, value, alpha=1.5, attn_mask=None, is_c
                 f"scaled_dot_product_entmax: the CausalBias is for lengths ({attn_mask.seq_len_q}, "
                 f"{attn_mask.seq_len_kv}), the inputs have ({Lq}, {Lk})"
             )
-        causal = _CAUSAL_LOWER_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT else _CAUSAL_UPPER_LEFT
+        causal = CAUSAL_LOWER_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT else CAUSAL_UPPER_LEFT
         attn_mask = None
     elif attn_mask is not None and is_causal:
         raise ValueError("scaled_dot_product_entmax: pass either attn_mask or is_causal=True, not both (as SDPA)")
-    return _attention(query, key, value, alpha, attn_mask, causal, scale, enable_gqa, "attn_mask")
+    return _attention(query, key, value, alpha, attn_mask, causal, scale, enable_gqa, "attn_mask", alibi_slopes,
+                      window_size)
 
 
 class EntmaxAttention(nn.Module):
@@ -330,7 +312,7 @@ class EntmaxAttention(nn.Module):
     or additive float. attn_mask: as scaled_dot_product_entmax. is_causal (upper-left)
     combines with both masks. Combining key_padding_mask with attn_mask materialises
     their broadcast (as one mask of the scores' shape, without the head dimension if
-    attn_mask has none).
+    attn_mask has none). alibi_slopes and window_size: as scaled_dot_product_entmax.
     """
 
     def __init__(self, n_heads: int, alpha_init: float = 1.5, learn_alpha: bool = True):
@@ -344,7 +326,8 @@ class EntmaxAttention(nn.Module):
         """The current alpha per head, shape (n_heads,)."""
         return self.entmax.alpha()
 
-    def forward(self, q, k, v, key_padding_mask=None, attn_mask=None, is_causal: bool = False, scale=None):
+    def forward(self, q, k, v, key_padding_mask=None, attn_mask=None, is_causal: bool = False, scale=None,
+                alibi_slopes=None, window_size=(-1, -1)):
         if not isinstance(q, torch.Tensor) or q.dim() < 3 or q.shape[-3] != self.n_heads:
             shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
             raise ValueError(f"EntmaxAttention: q must be (..., n_heads={self.n_heads}, Lq, E), got {shape}")
@@ -353,10 +336,11 @@ class EntmaxAttention(nn.Module):
         if not isinstance(is_causal, bool):
             raise TypeError(f"EntmaxAttention: is_causal must be a bool, got {type(is_causal).__name__}")
         mask = self._combined_mask(q, k, key_padding_mask, attn_mask)
-        causal = _CAUSAL_UPPER_LEFT if is_causal else _NOT_CAUSAL
+        causal = CAUSAL_UPPER_LEFT if is_causal else NOT_CAUSAL
         enable_gqa = isinstance(k, torch.Tensor) and k.dim() >= 3 and k.shape[-3] != self.n_heads
         alpha = self.alpha().to(q.device)
-        return _attention(q, k, v, alpha, mask, causal, scale, enable_gqa, "mask")
+        return _attention(q, k, v, alpha, mask, causal, scale, enable_gqa, "mask", alibi_slopes, window_size,
+                          caller="EntmaxAttention")
 
     @staticmethod
     def _combined_mask(q, k, key_padding_mask, attn_mask):

@@ -57,7 +57,7 @@ def _rel(got, want):
 def run_case(case):
     import torch
 
-    from entmax_cuda import attention
+    from entmax_cuda import attention_ops
 
     dtype_name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_mask = case
     dtype = getattr(torch, dtype_name)
@@ -77,8 +77,8 @@ def run_case(case):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out, stats, block_map = attention.forward_op(*t[:4], m, causal, scale)
-        grads = attention.backward_op(t[4], *t[:4], m, causal, scale, stats, block_map, True)
+        out, stats, block_map = attention_ops.forward_op(*t[:4], m, causal, scale)
+        grads = attention_ops.backward_op(t[4], *t[:4], m, causal, scale, stats, block_map, True)
         if device == "cuda":
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import entmax_cuda
-from entmax_cuda import attention
+from entmax_cuda import attention, attention_ops
 from testing import ALPHA_GRAD_RTOL_FLOAT32, REPO_ROOT, acc_dtype, requires_cuda
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -399,14 +399,14 @@ def local_inputs(B, H, L, E, dtype=torch.float64, device="cpu"):
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
-@pytest.mark.parametrize("causal", [attention._NOT_CAUSAL, attention._CAUSAL_UPPER_LEFT])
+@pytest.mark.parametrize("causal", [attention_ops.NOT_CAUSAL, attention_ops.CAUSAL_UPPER_LEFT])
 def test_block_map_skips_zero_blocks_and_results_are_unchanged(device, alpha, causal):
     B, H, L, E = 1, 2, 512, 32
     q, k, v = local_inputs(B, H, L, E, device=device)
     alpha_rows = torch.full((B, H, L), alpha, dtype=torch.float64, device=device)
-    out, stats, block_map = attention.forward_op(q, k, v, alpha_rows, None, causal, E ** -0.5)
-    nb = L // attention.BLOCK_Q
-    assert block_map.shape == (B, H, nb, L // attention.BLOCK_K)
+    out, stats, block_map = attention_ops.forward_op(q, k, v, alpha_rows, None, causal, E ** -0.5)
+    nb = L // attention_ops.BLOCK_Q
+    assert block_map.shape == (B, H, nb, L // attention_ops.BLOCK_K)
     # the skipped blocks are zero in the materialised weights
     p = entmax_cuda.entmax(q @ k.transpose(-1, -2) * E ** -0.5
                            + (0 if causal == 0 else torch.full((L, L), float("-inf"), device=device).triu(1)), alpha)
@@ -419,7 +419,7 @@ def test_block_map_skips_zero_blocks_and_results_are_unchanged(device, alpha, ca
 
 def test_all_blocks_active_for_softmax(device):
     q, k, v = local_inputs(1, 1, 200, 16, device=device)
-    _, _, block_map = attention.forward_op(q, k, v, torch.ones(1, 1, 200, dtype=torch.float64, device=device),
+    _, _, block_map = attention_ops.forward_op(q, k, v, torch.ones(1, 1, 200, dtype=torch.float64, device=device),
                                            None, 0, 0.25)
     assert block_map.eq(1).all()
 
@@ -599,8 +599,8 @@ def _op_results(device, q, k, v, alpha, mask, causal, scale, grad_out):
     """(out, stats, block_map, dq, dk, dv, dalpha) of the ops on `device`, back on the CPU."""
     q, k, v, alpha, grad_out = (t.to(device) for t in (q, k, v, alpha, grad_out))
     mask = None if mask is None else mask.to(device)
-    out, stats, block_map = attention.forward_op(q, k, v, alpha, mask, causal, scale)
-    grads = attention.backward_op(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, True)
+    out, stats, block_map = attention_ops.forward_op(q, k, v, alpha, mask, causal, scale)
+    grads = attention_ops.backward_op(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, True)
     return [t.cpu() for t in (out, stats, block_map, *grads)]
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from entmax_cuda import attention
+from entmax_cuda import attention, attention_ops
 from testing import REPO_ROOT, acc_dtype
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -44,8 +44,8 @@ def _run(ops, args, mask, causal, scale, alpha_grad=True, policy=None, block_max
     """(out, stats, block_map, dq, dk, dv, dalpha) of the CPU kernel (policy None) or the emulated CUDA kernels."""
     q, k, v, alpha, grad_out = args
     if policy is None:
-        fwd = attention.forward_op(q, k, v, alpha, mask, causal, scale)
-        bwd = attention.backward_op(grad_out, q, k, v, alpha, mask, causal, scale, fwd[1], fwd[2], alpha_grad)
+        fwd = attention_ops.forward_op(q, k, v, alpha, mask, causal, scale)
+        bwd = attention_ops.backward_op(grad_out, q, k, v, alpha, mask, causal, scale, fwd[1], fwd[2], alpha_grad)
     else:
         fwd = ops.attention_forward(q, k, v, alpha, mask, causal, scale, policy, block_max_bytes, schedule)
         bwd = ops.attention_backward(grad_out, q, k, v, alpha, mask, causal, scale, fwd[1], fwd[2], alpha_grad,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import entmax_cuda
-from entmax_cuda import attention
+from entmax_cuda import attention, attention_ops
 from testing import REPO_ROOT, acc_dtype, requires_cuda, subprocess_env
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -43,45 +43,45 @@ def _samples(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck_forward(device, dtype):
     for args in _samples(device, dtype):
-        torch.library.opcheck(attention.forward_op, args)
+        torch.library.opcheck(attention_ops.forward_op, args)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck_backward(device, dtype):
     for q, k, v, alpha, mask, causal, scale in _samples(device, dtype):
         q, k, v, alpha = (t.detach() for t in (q, k, v, alpha))
-        out, stats, block_map = attention.forward_op(q, k, v, alpha, mask, causal, scale)
+        out, stats, block_map = attention_ops.forward_op(q, k, v, alpha, mask, causal, scale)
         grad_out = torch.randn_like(out)
         for alpha_grad in (True, False):
-            torch.library.opcheck(attention.backward_op,
+            torch.library.opcheck(attention_ops.backward_op,
                                   (grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad))
 
 
 def test_block_grid_constants_match_the_compiled_op():
     q = torch.randn(1, 1, 130, 8)
     k = torch.randn(1, 1, 65, 8)
-    _, stats, block_map = attention.forward_op(q, k, k, torch.full((1, 1, 130), 1.5), None, 0, 0.3)
-    assert block_map.shape == (1, 1, -(-130 // attention.BLOCK_Q), -(-65 // attention.BLOCK_K)) == (1, 1, 3, 2)
+    _, stats, block_map = attention_ops.forward_op(q, k, k, torch.full((1, 1, 130), 1.5), None, 0, 0.3)
+    assert block_map.shape == (1, 1, -(-130 // attention_ops.BLOCK_Q), -(-65 // attention_ops.BLOCK_K)) == (1, 1, 3, 2)
     assert stats.shape == (1, 1, 4, 130)
-    with pytest.raises(RuntimeError, match=str(attention.MAX_HEAD_DIM)):
-        big = torch.randn(1, 1, 4, attention.MAX_HEAD_DIM + 1)
-        attention.forward_op(big, big, big, torch.full((1, 1, 4), 1.5), None, 0, 0.1)
+    with pytest.raises(RuntimeError, match=str(attention_ops.MAX_HEAD_DIM)):
+        big = torch.randn(1, 1, 4, attention_ops.MAX_HEAD_DIM + 1)
+        attention_ops.forward_op(big, big, big, torch.full((1, 1, 4), 1.5), None, 0, 0.1)
 
 
 def test_op_rejects_inconsistent_arguments():
     q = torch.randn(1, 2, 4, 8)
     alpha = torch.full((1, 2, 4), 1.5)
     with pytest.raises(RuntimeError, match="alpha must have shape"):
-        attention.forward_op(q, q, q, torch.full((1, 2, 5), 1.5), None, 0, 0.3)
+        attention_ops.forward_op(q, q, q, torch.full((1, 2, 5), 1.5), None, 0, 0.3)
     with pytest.raises(RuntimeError, match="float32"):
-        attention.forward_op(q, q, q, alpha.double(), None, 0, 0.3)
+        attention_ops.forward_op(q, q, q, alpha.double(), None, 0, 0.3)
     with pytest.raises(RuntimeError, match="mask must have shape"):
-        attention.forward_op(q, q, q, alpha, torch.ones(1, 2, 4, 5, dtype=torch.bool), 0, 0.3)
+        attention_ops.forward_op(q, q, q, alpha, torch.ones(1, 2, 4, 5, dtype=torch.bool), 0, 0.3)
     with pytest.raises(RuntimeError, match="causal must be"):
-        attention.forward_op(q, q, q, alpha, None, 3, 0.3)
-    out, stats, block_map = attention.forward_op(q, q, q, alpha, None, 0, 0.3)
+        attention_ops.forward_op(q, q, q, alpha, None, 3, 0.3)
+    out, stats, block_map = attention_ops.forward_op(q, q, q, alpha, None, 0, 0.3)
     with pytest.raises(RuntimeError, match="block_map"):
-        attention.backward_op(out, q, q, q, alpha, None, 0, 0.3, stats, block_map[..., :0], True)
+        attention_ops.backward_op(out, q, q, q, alpha, None, 0, 0.3, stats, block_map[..., :0], True)
 
 
 # ---------------------------------------------------------------- torch.compile

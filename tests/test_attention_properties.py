@@ -25,7 +25,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 import entmax_cuda
-from entmax_cuda import attention
+from entmax_cuda import attention, attention_ops
 from testing import REPO_ROOT, acc_dtype
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "cuda_emulation"))
@@ -436,5 +436,5 @@ def test_emulated_cuda_kernels_match_the_float64_bisection_composite(emulation, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ENTMAX_ATTENTION_PATH", "simt")
         patch.setattr(_EmulatedAttention, "ops", emulation)
-        patch.setattr(attention, "forward_op", _EmulatedAttention.apply)
+        patch.setattr(attention_ops, "forward_op", _EmulatedAttention.apply)
         check_case(case, "cpu")

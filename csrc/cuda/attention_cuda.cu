@@ -1,7 +1,7 @@
 // CUDA implementation of the fused attention ops (schemas: csrc/attention.cpp):
 // tensors to kernel parameters, the choice of matmul path, launches on the
-// current stream. The kernels are in attention_kernels.cuh (instantiated in
-// attention_simt_*.cu and attention_tc_*.cu).
+// current stream. The kernels are in attention_fwd_kernel.cuh and
+// attention_bwd_kernel.cuh (instantiated in attention_simt_*.cu and attention_tc_*.cu).
 //
 // Paths: tensor cores (mma.sync) for float16 on sm_75+ and bfloat16 on sm_80+
 // when the tiles fit in shared memory, else SIMT (every dtype, float32 exact).
@@ -144,10 +144,17 @@ struct BackwardStep {
 
 std::tuple<Tensor, Tensor, Tensor> attention_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                           const Tensor& alpha, std::optional<Tensor> mask,
-                                                          int64_t causal, double scale) {
+                                                          int64_t causal, double scale,
+                                                          std::optional<Tensor> alibi_slopes, int64_t window_left,
+                                                          int64_t window_right, std::optional<Tensor> cu_seqlens_q,
+                                                          std::optional<Tensor> cu_seqlens_k,
+                                                          std::optional<Tensor> seqused_k, int64_t max_seqlen_q,
+                                                          int64_t max_seqlen_k) {
   ENTMAX_CHECK(q.is_cuda(), "attention_forward (CUDA): tensors must be CUDA tensors");
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  const AttentionForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale);
+  const Geometry g{alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, window_left, window_right, max_seqlen_q,
+                   max_seqlen_k};
+  const AttentionForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale, g);
   if (!call.empty) {
     const Device dev = device_of(q);
     const cudaStream_t stream = stream_of(q);
@@ -162,11 +169,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cuda(const Tensor&
                                                                    const Tensor& k, const Tensor& v,
                                                                    const Tensor& alpha, std::optional<Tensor> mask,
                                                                    int64_t causal, double scale, const Tensor& stats,
-                                                                   const Tensor& block_map, bool alpha_grad) {
+                                                                   const Tensor& block_map, bool alpha_grad,
+                                                                   std::optional<Tensor> alibi_slopes,
+                                                                   int64_t window_left, int64_t window_right,
+                                                                   std::optional<Tensor> cu_seqlens_q,
+                                                                   std::optional<Tensor> cu_seqlens_k,
+                                                                   std::optional<Tensor> seqused_k,
+                                                                   int64_t max_seqlen_q, int64_t max_seqlen_k) {
   ENTMAX_CHECK(q.is_cuda(), "attention_backward (CUDA): tensors must be CUDA tensors");
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const Geometry g{alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, window_left, window_right, max_seqlen_q,
+                   max_seqlen_k};
   const AttentionBackwardCall call =
-      prepare_backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad);
+      prepare_backward(grad_out, q, k, v, alpha, mask, causal, scale, g, stats, block_map, alpha_grad);
   if (!call.empty) {
     const Device dev = device_of(q);
     const cudaStream_t stream = stream_of(q);

@@ -1,5 +1,5 @@
 // Tile matmuls of the fused attention kernels (docs/attention.md, "CUDA"), two
-// policies with one interface, so that attention_kernels.cuh is written once:
+// policies with one interface, so that the attention kernels are written once:
 //
 //   SimtGemm<scalar_t>      every dtype; CUDA cores, accumulation in acc_t
 //                           (float, double for double), operands streamed from

@@ -4,7 +4,8 @@
 // torch-facing launcher (attention_cuda.cu) only declares them.
 #pragma once
 
-#include "attention_kernels.cuh"
+#include "attention_bwd_kernel.cuh"
+#include "attention_fwd_kernel.cuh"
 
 #include <cuda_runtime.h>
 

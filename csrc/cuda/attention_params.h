@@ -7,7 +7,7 @@
 
 #include "../attention_ops.h"
 #include "../entmax_ops.h"
-#include "attention_kernels.cuh"
+#include "attention_kernel_common.cuh"
 
 #include <torch/csrc/stable/ops.h>
 
@@ -64,10 +64,10 @@ inline void set_tensor(const Tensor& t, const void*& ptr, int64_t (&st)[4], bool
 
 inline AttentionParams make_params(const Shape& s, const Tensor& q, const Tensor& k, const Tensor& v,
                                    const Tensor& alpha, const std::optional<Tensor>& mask, int64_t causal,
-                                   double scale) {
+                                   double scale, const Geometry& g) {
   constexpr int64_t kMaxLength = std::numeric_limits<int32_t>::max();
-  ENTMAX_CHECK(s.Lq <= kMaxLength && s.Lk <= kMaxLength, "entmax attention (CUDA): lengths above 2^31 - 1 (got ",
-               s.Lq, " and ", s.Lk, ")");
+  ENTMAX_CHECK(s.rows_q <= kMaxLength && s.rows_k <= kMaxLength && s.Lq <= kMaxLength && s.Lk <= kMaxLength,
+               "entmax attention (CUDA): lengths above 2^31 - 1 (got ", s.rows_q, " and ", s.rows_k, ")");
   AttentionParams p{};
   set_tensor(q, p.q, p.q_st, p.q_vec16);
   set_tensor(k, p.k, p.k_st, p.k_vec16);
@@ -81,7 +81,20 @@ inline AttentionParams make_params(const Shape& s, const Tensor& q, const Tensor
     p.mask_kind = mask->scalar_type() == ScalarType::Bool ? kBoolMask : kAdditiveMask;
   }
   p.causal = static_cast<int>(causal);
-  p.offset = attention::causal_offset(causal, s.Lq, s.Lk);
+  p.alibi = nullptr;
+  if (g.alibi.has_value()) {
+    p.alibi = g.alibi->const_data_ptr();
+    p.alibi_st[0] = g.alibi->stride(0);
+    p.alibi_st[1] = g.alibi->stride(1);
+  }
+  p.window_left = g.left;
+  p.window_right = g.right;
+  p.packed = g.packed();
+  p.cu_q = p.packed ? static_cast<const int32_t*>(g.cu_q->const_data_ptr()) : nullptr;
+  p.cu_k = p.packed ? static_cast<const int32_t*>(g.cu_k->const_data_ptr()) : nullptr;
+  p.used_k = g.used_k.has_value() ? static_cast<const int32_t*>(g.used_k->const_data_ptr()) : nullptr;
+  p.rows_q = s.rows_q;
+  p.rows_k = s.rows_k;
   p.B = s.B;
   p.Hq = s.Hq;
   p.Hkv = s.Hkv;
@@ -108,16 +121,17 @@ struct AttentionForwardCall {
 };
 
 inline AttentionForwardCall prepare_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
-                                   const std::optional<Tensor>& mask, int64_t causal, double scale) {
-  const Shape s = check_attention_args("attention_forward", q, k, v, alpha, mask, causal);
+                                            const std::optional<Tensor>& mask, int64_t causal, double scale,
+                                            const Geometry& g) {
+  const Shape s = check_attention_args("attention_forward", q, k, v, alpha, mask, causal, g);
   const int64_t nQ = attention::num_tiles(s.Lq, attention::kBlockQ);
   const int64_t nK = attention::num_tiles(s.Lk, attention::kBlockK);
-  AttentionForwardCall call{torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.Dv}),
-                   torch::stable::new_empty(alpha, {s.B, s.Hq, attention::kNumStats, s.Lq}),
+  AttentionForwardCall call{torch::stable::new_empty(q, {s.rows_b, s.Hq, s.rows_q, s.Dv}),
+                   torch::stable::new_empty(alpha, {s.rows_b, s.Hq, attention::kNumStats, s.rows_q}),
                    torch::stable::new_empty(q, {s.B, s.Hq, nQ, nK}, ScalarType::Byte), AttentionParams{},
                    s.B * s.Hq * s.Lq == 0};
   if (call.empty) return call;
-  call.p = make_params(s, q, k, v, alpha, mask, causal, scale);
+  call.p = make_params(s, q, k, v, alpha, mask, causal, scale, g);
   call.p.out = call.out.mutable_data_ptr();
   call.p.stats = call.stats.mutable_data_ptr();
   call.p.block_map = static_cast<uint8_t*>(call.block_map.mutable_data_ptr());
@@ -132,25 +146,26 @@ struct AttentionBackwardCall {
 
 inline AttentionBackwardCall prepare_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& alpha, const std::optional<Tensor>& mask, int64_t causal,
-                                     double scale, const Tensor& stats, const Tensor& block_map, bool alpha_grad) {
-  const Shape s = check_attention_backward_args(grad_out, q, k, v, alpha, mask, causal, stats, block_map);
+                                     double scale, const Geometry& g, const Tensor& stats, const Tensor& block_map,
+                                     bool alpha_grad) {
+  const Shape s = check_attention_backward_args(grad_out, q, k, v, alpha, mask, causal, g, stats, block_map);
   AttentionBackwardCall call;
   call.empty = s.B * s.Hq * s.Lq == 0;
   if (call.empty) {  // no query: nothing reaches k, v or alpha
-    call.dq = torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.D});
-    call.dk = torch::stable::new_zeros(k, {s.B, s.Hkv, s.Lk, s.D});
-    call.dv = torch::stable::new_zeros(v, {s.B, s.Hkv, s.Lk, s.Dv});
-    call.dalpha = torch::stable::new_zeros(alpha, {s.B, s.Hq, s.Lq});
+    call.dq = torch::stable::new_empty(q, {s.rows_b, s.Hq, s.rows_q, s.D});
+    call.dk = torch::stable::new_zeros(k, {s.rows_b, s.Hkv, s.rows_k, s.D});
+    call.dv = torch::stable::new_zeros(v, {s.rows_b, s.Hkv, s.rows_k, s.Dv});
+    call.dalpha = torch::stable::new_zeros(alpha, {s.rows_b, s.Hq, s.rows_q});
     return call;
   }
-  // Every element of these is written by the kernels.
-  call.dq = torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.D});
-  call.dk = torch::stable::new_empty(k, {s.B, s.Hkv, s.Lk, s.D});
-  call.dv = torch::stable::new_empty(v, {s.B, s.Hkv, s.Lk, s.Dv});
-  call.dalpha = torch::stable::new_empty(alpha, {s.B, s.Hq, s.Lq});
-  call.q_rows = torch::stable::new_empty(alpha, {s.B, s.Hq, s.Lq});
+  // Every element of these is written by the kernels (packed: every row belongs to a sequence).
+  call.dq = torch::stable::new_empty(q, {s.rows_b, s.Hq, s.rows_q, s.D});
+  call.dk = torch::stable::new_empty(k, {s.rows_b, s.Hkv, s.rows_k, s.D});
+  call.dv = torch::stable::new_empty(v, {s.rows_b, s.Hkv, s.rows_k, s.Dv});
+  call.dalpha = torch::stable::new_empty(alpha, {s.rows_b, s.Hq, s.rows_q});
+  call.q_rows = torch::stable::new_empty(alpha, {s.rows_b, s.Hq, s.rows_q});
   AttentionParams& p = call.p;
-  p = make_params(s, q, k, v, alpha, mask, causal, scale);
+  p = make_params(s, q, k, v, alpha, mask, causal, scale, g);
   set_tensor(grad_out, p.grad_out, p.do_st, p.do_vec16);
   p.stats = const_cast<void*>(stats.const_data_ptr());
   p.block_map = const_cast<uint8_t*>(static_cast<const uint8_t*>(block_map.const_data_ptr()));

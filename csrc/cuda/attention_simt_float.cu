@@ -1,4 +1,4 @@
-// The SIMT attention kernels for float32 and float64 (attention_kernels.cuh).
+// The SIMT attention kernels for float32 and float64 (attention_fwd_kernel.cuh, attention_bwd_kernel.cuh).
 #include "attention_launch.cuh"
 
 namespace entmax_cuda {

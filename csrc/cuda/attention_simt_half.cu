@@ -1,5 +1,6 @@
-// The SIMT attention kernels for float16 and bfloat16 (attention_kernels.cuh): sm_75 bfloat16,
-// tiles too large for shared memory on the tensor-core path, ENTMAX_ATTENTION_PATH=simt.
+// The SIMT attention kernels for float16 and bfloat16 (attention_fwd_kernel.cuh,
+// attention_bwd_kernel.cuh): sm_75 bfloat16, tiles too large for shared memory on the
+// tensor-core path, ENTMAX_ATTENTION_PATH=simt.
 #include "attention_launch.cuh"
 
 namespace entmax_cuda {

@@ -1,4 +1,4 @@
-// The tensor-core attention kernels for float16 (attention_kernels.cuh).
+// The tensor-core attention kernels for float16 (attention_fwd_kernel.cuh, attention_bwd_kernel.cuh).
 #include "attention_launch.cuh"
 
 namespace entmax_cuda {

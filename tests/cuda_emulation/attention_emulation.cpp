@@ -1,11 +1,11 @@
-// The CUDA attention kernels (csrc/cuda/attention_kernels.cuh) run on the CPU
+// The CUDA attention kernels (csrc/cuda/attention_fwd_kernel.cuh, attention_bwd_kernel.cuh) run on the CPU
 // under cuda_emulation.h, as ops of a test library, so that the tests compare
 // them with the CPU kernel without a GPU (tests/test_attention_cuda_emulation.py):
 //
 //   entmax_cuda_emulation::attention_forward(q, k, v, alpha, mask?, causal, scale, policy, block_max_bytes,
-//                                            schedule)
+//                                            schedule, <geometry>)
 //   entmax_cuda_emulation::attention_backward(grad_out, q, k, v, alpha, mask?, causal, scale, stats,
-//                                             block_map, alpha_grad, policy, schedule)
+//                                             block_map, alpha_grad, policy, schedule, <geometry>)
 // on CPU tensors; policy 0: SimtGemm, 1: TcGemm with 64-column chunks, 2: with 128
 // (float16 / bfloat16 only), 3: as 1 with Turing's float16 mma (two m16n8k8 per
 // m16n8k16; float16 only), -1: the CUDA op's choice on a GPU with tensor cores for
@@ -17,6 +17,8 @@
 #define ENTMAX_CUDA_EMULATION 1
 #include "cuda_emulation.h"
 
+#include "../../csrc/cuda/attention_bwd_kernel.cuh"
+#include "../../csrc/cuda/attention_fwd_kernel.cuh"
 #include "../../csrc/cuda/attention_params.h"
 
 #include <torch/csrc/stable/library.h>
@@ -97,9 +99,16 @@ struct Backward {
 std::tuple<Tensor, Tensor, Tensor> emulated_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor& alpha, std::optional<Tensor> mask, int64_t causal,
                                                     double scale, int64_t policy, int64_t block_max_bytes,
-                                                    int64_t schedule) {
+                                                    int64_t schedule, std::optional<Tensor> alibi_slopes,
+                                                    int64_t window_left, int64_t window_right,
+                                                    std::optional<Tensor> cu_seqlens_q,
+                                                    std::optional<Tensor> cu_seqlens_k,
+                                                    std::optional<Tensor> seqused_k, int64_t max_seqlen_q,
+                                                    int64_t max_seqlen_k) {
   ENTMAX_CHECK(q.is_cpu(), "emulation: CPU tensors");
-  const AttentionForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale);
+  const Geometry g{alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, window_left, window_right, max_seqlen_q,
+                   max_seqlen_k};
+  const AttentionForwardCall call = prepare_forward(q, k, v, alpha, mask, causal, scale, g);
   if (!call.empty)
     dispatch<Forward>(q.scalar_type(), policy, call.p, block_max_bytes, static_cast<unsigned>(schedule));
   return std::make_tuple(call.out, call.stats, call.block_map);
@@ -109,10 +118,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> emulated_backward(const Tensor& grad_
                                                              const Tensor& v, const Tensor& alpha,
                                                              std::optional<Tensor> mask, int64_t causal, double scale,
                                                              const Tensor& stats, const Tensor& block_map,
-                                                             bool alpha_grad, int64_t policy, int64_t schedule) {
+                                                             bool alpha_grad, int64_t policy, int64_t schedule,
+                                                             std::optional<Tensor> alibi_slopes,
+                                                             int64_t window_left, int64_t window_right,
+                                                             std::optional<Tensor> cu_seqlens_q,
+                                                             std::optional<Tensor> cu_seqlens_k,
+                                                             std::optional<Tensor> seqused_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k) {
   ENTMAX_CHECK(q.is_cpu(), "emulation: CPU tensors");
+  const Geometry g{alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, window_left, window_right, max_seqlen_q,
+                   max_seqlen_k};
   const AttentionBackwardCall call =
-      prepare_backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad);
+      prepare_backward(grad_out, q, k, v, alpha, mask, causal, scale, g, stats, block_map, alpha_grad);
   if (!call.empty) dispatch<Backward>(q.scalar_type(), policy, call.p, static_cast<unsigned>(schedule));
   return std::make_tuple(call.dq, call.dk, call.dv, call.dalpha);
 }
@@ -121,10 +138,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> emulated_backward(const Tensor& grad_
 }  // namespace entmax_cuda
 
 STABLE_TORCH_LIBRARY(entmax_cuda_emulation, m) {
+  // The CUDA ops' schemas (csrc/attention.cpp) with the emulation's policy and schedule
+  // before the geometry arguments.
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor? mask, int causal, float scale, "
-        "int policy, int block_max_bytes, int schedule) -> (Tensor, Tensor, Tensor)");
+        "int policy, int block_max_bytes, int schedule, Tensor? alibi_slopes=None, int window_left=-1, "
+        "int window_right=-1, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, Tensor? seqused_k=None, "
+        "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor, Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor? mask, int causal, "
-        "float scale, Tensor stats, Tensor block_map, bool alpha_grad, int policy, int schedule) "
+        "float scale, Tensor stats, Tensor block_map, bool alpha_grad, int policy, int schedule, "
+        "Tensor? alibi_slopes=None, int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, "
+        "Tensor? cu_seqlens_k=None, Tensor? seqused_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -30,11 +30,11 @@ class _EmulatedAttention(torch.autograd.Function):
         return SIMT if os.environ.get("ENTMAX_ATTENTION_PATH") == "simt" else AUTO
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, mask, causal, scale):
+    def forward(ctx, q, k, v, alpha, mask, causal, scale, *geometry):
         out, stats, block_map = _EmulatedAttention.ops.attention_forward(q, k, v, alpha, mask, causal, scale,
-                                                                         _EmulatedAttention.policy(), 0, 0)
+                                                                         _EmulatedAttention.policy(), 0, 0, *geometry)
         ctx.save_for_backward(q, k, v, alpha, stats, block_map)
-        ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
+        ctx.mask, ctx.causal, ctx.scale, ctx.geometry = mask, causal, scale, geometry
         ctx.mark_non_differentiable(stats, block_map)
         return out, stats, block_map
 
@@ -43,17 +43,19 @@ class _EmulatedAttention(torch.autograd.Function):
         q, k, v, alpha, stats, block_map = ctx.saved_tensors
         grads = _EmulatedAttention.ops.attention_backward(
             grad_out.contiguous(), q, k, v, alpha, ctx.mask, ctx.causal, ctx.scale, stats, block_map,
-            ctx.needs_input_grad[3], _EmulatedAttention.policy(), 0)
-        return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:4])) + (None,) * 3
+            ctx.needs_input_grad[3], _EmulatedAttention.policy(), 0, *ctx.geometry)
+        n_inputs = len(ctx.needs_input_grad)
+        return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:4])) + (None,) * (
+            n_inputs - 4)
 
 
-def _backward_op(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad):
+def _backward_op(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad, *geometry):
     return _EmulatedAttention.ops.attention_backward(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map,
-                                                     alpha_grad, _EmulatedAttention.policy(), 0)
+                                                     alpha_grad, _EmulatedAttention.policy(), 0, *geometry)
 
 
 def pytest_configure(config):
-    from entmax_cuda import attention
+    from entmax_cuda import attention_ops
     from testing import load_attention_emulation
 
     ops = load_attention_emulation(tempfile.mkdtemp(prefix="attention_emulation_"))
@@ -61,5 +63,5 @@ def pytest_configure(config):
         raise RuntimeError("route_attention_ops: no CUDA toolkit headers (cuda_fp16.h) or C++ compiler to build "
                            "the emulator")
     _EmulatedAttention.ops = ops
-    attention.forward_op = _EmulatedAttention.apply
-    attention.backward_op = _backward_op
+    attention_ops.forward_op = _EmulatedAttention.apply
+    attention_ops.backward_op = _backward_op
