@@ -74,41 +74,65 @@ struct Vec64 {
 
 // C[r][0, N) += sum_k A(r, k) B[k][0, N) for MB rows from m0; A(r, k) = A[r*am + k*ak],
 // N a multiple of kLanes<T>. Each C element accumulates over k in order, whatever
-// the row blocking, so a score is the same number in every pass.
-template <typename T, int MB>
+// the blocking, so a score is the same number in every pass (and on every CPU).
+// NV 64-byte vectors of C per row at a time: MB x NV accumulators must stay in
+// registers, so NV = 2 needs AVX-512's 32 registers; with 16 (AVX2: a 64-byte vector
+// is two) it spilled every accumulator to the stack, 4x slower than NV = 1.
+template <typename T, int MB, int NV>
 __attribute__((always_inline)) inline void gemm_rows(T* C, int64_t ldc, const T* A, int64_t am, int64_t ak,
                                                      const T* B, int64_t ldb, int64_t m0, int64_t N, int64_t K) {
   typedef typename Vec64<T>::type V;
   constexpr int64_t W = kLanes<T>;
-  for (int64_t n0 = 0; n0 < N; n0 += 2 * W) {
-    const bool two = n0 + W < N;
-    V acc[MB][2];
+  for (int64_t n0 = 0; n0 < N; n0 += NV * W) {
+    const bool two = NV == 2 && n0 + W < N;
+    V acc[MB][NV];
+#pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       acc[r][0] = *reinterpret_cast<const V*>(C + (m0 + r) * ldc + n0);
-      acc[r][1] = two ? *reinterpret_cast<const V*>(C + (m0 + r) * ldc + n0 + W) : V{};
+      if (NV == 2) acc[r][NV - 1] = two ? *reinterpret_cast<const V*>(C + (m0 + r) * ldc + n0 + W) : V{};
     }
     for (int64_t k = 0; k < K; ++k) {
       const V b0 = *reinterpret_cast<const V*>(B + k * ldb + n0);
       const V b1 = two ? *reinterpret_cast<const V*>(B + k * ldb + n0 + W) : V{};
+#pragma GCC unroll 8
       for (int r = 0; r < MB; ++r) {
         const T a = A[(m0 + r) * am + k * ak];
         acc[r][0] += a * b0;
-        acc[r][1] += a * b1;
+        if (NV == 2) acc[r][NV - 1] += a * b1;
       }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       *reinterpret_cast<V*>(C + (m0 + r) * ldc + n0) = acc[r][0];
-      if (two) *reinterpret_cast<V*>(C + (m0 + r) * ldc + n0 + W) = acc[r][1];
+      if (two) *reinterpret_cast<V*>(C + (m0 + r) * ldc + n0 + W) = acc[r][NV - 1];
     }
   }
+}
+
+// Whether this CPU has AVX-512's 32 vector registers (checked once).
+inline bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <typename T, int NV>
+__attribute__((always_inline)) inline void gemm_acc_blocked(T* C, int64_t ldc, const T* A, int64_t am, int64_t ak,
+                                                            const T* B, int64_t ldb, int64_t M, int64_t N,
+                                                            int64_t K) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) gemm_rows<T, 4, NV>(C, ldc, A, am, ak, B, ldb, m0, N, K);
+  for (; m0 < M; ++m0) gemm_rows<T, 1, NV>(C, ldc, A, am, ak, B, ldb, m0, N, K);
 }
 
 template <typename T>
 ATTENTION_CPU_CLONES void gemm_acc(T* C, int64_t ldc, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb,
                                    int64_t M, int64_t N, int64_t K) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemm_rows<T, 4>(C, ldc, A, am, ak, B, ldb, m0, N, K);
-  for (; m0 < M; ++m0) gemm_rows<T, 1>(C, ldc, A, am, ak, B, ldb, m0, N, K);
+  if (cpu_has_avx512()) gemm_acc_blocked<T, 2>(C, ldc, A, am, ak, B, ldb, M, N, K);
+  else gemm_acc_blocked<T, 1>(C, ldc, A, am, ak, B, ldb, M, N, K);
 }
 
 // C = A B (C zeroed first).
