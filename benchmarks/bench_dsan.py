@@ -8,7 +8,9 @@ The same `--warmup` + `--batches` training batches (batch 512, shuffled with a f
 through one full training step each -- item-embedding renormalisation, host-to-device copy,
 forward, full-catalogue cross-entropy (DSAN.loss), backward, Adam (amsgrad) step, as dsan's
 Trainer does -- for every backend: adaptive-entmax (the fused entmax_cuda op; the
-self-attention as one fused scaled-dot-product entmax), adaptive-entmax-materialised (the same
+self-attention as one fused entmax attention over the sessions packed without padding,
+varlen_entmax), adaptive-entmax-padded (the same on the padded batch with a key mask,
+scaled_dot_product_entmax: what dsan ran before packing), adaptive-entmax-materialised (the same
 with the self-attention's scores materialised and normalised by the entmax op), softmax,
 entmax-bisect-lib (the `entmax` library's entmax_bisect, 50 steps) and entmax-reference (the
 project's pure-PyTorch bisection, 50 steps). Every backend starts from the same seed and
@@ -40,8 +42,10 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages
 
 import common  # noqa: E402
 
-BACKENDS = ["adaptive-entmax", "adaptive-entmax-materialised", "softmax", "entmax-bisect-lib", "entmax-reference"]
+BACKENDS = ["adaptive-entmax", "adaptive-entmax-padded", "adaptive-entmax-materialised", "softmax", "entmax-bisect-lib",
+            "entmax-reference"]
 MATERIALISED = "-materialised"  # the same normaliser with the self-attention's L x L scores materialised
+PADDED = "-padded"  # the fused self-attention on the padded batch (key mask) instead of the packed sessions
 EPOCH_SAMPLES_RETAILROCKET = 433_648
 RR_ITEMS = 36_968
 RR_SESSIONS = 126_168
@@ -116,15 +120,29 @@ def train_step(model, optimizer, batch, device):
     return loss.detach()
 
 
+def padded_self_attention(model, H, is_key, alpha_self, with_weights=False):
+    """DSAN.self_attention's fused path on the padded batch (every padded query and key computed, the
+    keys masked): the baseline of the packed path."""
+    import entmax_cuda
+    Q = model.dropout(torch.relu(model.query(H)))
+    A = entmax_cuda.scaled_dot_product_entmax(Q[:, None], H[:, None], H[:, None], alpha=alpha_self[:, :, None, None],
+                                              attn_mask=is_key[:, None, None, :], scale=1.0 / math.sqrt(model.d))
+    return A[:, 0], None
+
+
 def bench_backend(backend, batches, warmup, n_items, longest, device, seed):
+    import types
+
     from dsan.model import DSAN
 
     torch.manual_seed(seed)
-    materialised = backend.endswith(MATERIALISED)
-    attention = backend[: -len(MATERIALISED)] if materialised else backend
+    variant = next((v for v in (MATERIALISED, PADDED) if backend.endswith(v)), "")
+    attention = backend[: len(backend) - len(variant)]
     model = DSAN(n_items, longest, embedding_dim=100, dropout=0.5, wk=20.0, attention=attention).to(device)
-    if materialised:
+    if variant == MATERIALISED:
         model.fused_attention = None  # DSAN.self_attention then materialises the scores
+    elif variant == PADDED:
+        model.self_attention = types.MethodType(padded_self_attention, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
     model.train()
     cuda = device.type == "cuda"

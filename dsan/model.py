@@ -52,12 +52,12 @@ def _entmax_cuda(name: str):
 
 
 def fused_self_attention(name: str):
-    """The fused scaled-dot-product entmax for the normalisers computed by entmax_cuda
-    (adaptive-entmax, entmax:A), else None (softmax, the reference and the entmax library
-    keep the materialised scores)."""
+    """The fused entmax attention on packed sequences (entmax_cuda.varlen_entmax) for the
+    normalisers computed by entmax_cuda (adaptive-entmax, entmax:A), else None (softmax, the
+    reference and the entmax library keep the materialised scores)."""
     if name != "adaptive-entmax" and not name.startswith("entmax:"):
         return None
-    return _entmax_cuda(name).scaled_dot_product_entmax
+    return _entmax_cuda(name).varlen_entmax
 
 
 def attention_normaliser(name: str):
@@ -171,14 +171,20 @@ class DSAN(nn.Module):
         padded keys are masked; one alpha_1 per session (B, 1). Returns (A (B, L + 1, d), weights
         (B, L + 1, L + 1), or None when the fused kernel computed A without them).
 
-        The entmax_cuda normalisers run as one fused scaled-dot-product entmax (no L x L matrix);
-        with_weights (heat maps) and the other normalisers materialise the scores."""
+        The entmax_cuda normalisers run as one fused entmax attention over the sessions packed
+        without their padding (no L x L matrix, no padded query or key computed; the padded rows
+        of A are 0, and nothing downstream reads them); with_weights (heat maps) and the other
+        normalisers materialise the scores."""
         Q = self.dropout(torch.relu(self.query(H)))
         if self.fused_attention is not None and not with_weights:
-            alpha = alpha_self[:, :, None, None] if self.uses_learned_alpha else fixed_alpha(self.attention)
-            A = self.fused_attention(Q[:, None], H[:, None], H[:, None], alpha=alpha,
-                                     attn_mask=is_key[:, None, None, :], scale=1.0 / math.sqrt(self.d))
-            return A[:, 0], None
+            B, L1, d = H.shape
+            tokens = is_key.reshape(-1).nonzero().squeeze(1)  # the sessions' tokens, session by session
+            cu_seqlens = F.pad(is_key.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+            alpha = alpha_self if self.uses_learned_alpha else fixed_alpha(self.attention)  # per session (B, 1)
+            packed = [t.reshape(B * L1, 1, d).index_select(0, tokens) for t in (Q, H)]
+            A = self.fused_attention(packed[0], packed[1], packed[1], cu_seqlens, cu_seqlens, L1, L1, alpha=alpha,
+                                     scale=1.0 / math.sqrt(self.d))
+            return H.new_zeros(B * L1, d).index_copy(0, tokens, A[:, 0]).reshape(B, L1, d), None
         scores = Q @ H.transpose(1, 2) / math.sqrt(self.d)
         scores = scores.masked_fill(~is_key[:, None, :], float("-inf"))
         weights = self.normalise(scores, alpha_self[:, :, None], -1)
