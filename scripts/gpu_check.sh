@@ -15,6 +15,8 @@
 #   bench-attention-*  bench_attention.py: fused vs SDPA flash, the composite, AdaSplash (bf16,
 #                    L 1k-16k, D 64/128, random/local, causal/full), L = 32k/128k, learnable alpha,
 #                    SIMT vs tensor cores, float16
+#   bench-attention-sequences  bench_attention_sequences.py: packed sequences against padded batches,
+#                    decode steps against SDPA (B 1/8, Hq 32, Hkv 8, D 128, Lcache 4k-128k)
 # OUTDIR receives summary.txt, targets.txt, compare_fused.{md,png}, attention-smoke.txt and
 # gpu-check.tar.gz (every log, JSON, table and plot) -- within the device tool's 8 files.
 # Options (environment):
@@ -124,6 +126,8 @@ if [ "$built" = 1 ]; then
       --alphas 1.5 --methods fused,fused_simt
     bench_attention float16 25 --dtypes float16 --dims 64 --lengths 4096 --inputs random --causal no,yes \
       --alphas 1.5 --methods fused,sdpa,adasplash
+    step bench-attention-sequences 60 $PY -P benchmarks/bench_attention_sequences.py --device cuda \
+      --out "$RUN/attention-sequences"
   fi
 fi
 tar czf "$OUT/gpu-check.tar.gz" -C "$RUN" . && rm -rf "$RUN"
