@@ -72,9 +72,11 @@ struct RowGeometry {
   int64_t Lq, Lk, diag, causal_off, left, right;
   bool causal;
 
+  // A window side at least as wide as the sequence bounds nothing (left >= Lk, right >= Lq):
+  // it becomes -1, so no sum below overflows whatever int64 the caller passed.
   ENTMAX_HD RowGeometry(int64_t Lq_, int64_t Lk_, int64_t causal_kind, int64_t left_, int64_t right_)
       : Lq(Lq_), Lk(Lk_), diag(Lk_ - Lq_), causal_off(causal_kind == kCausalLowerRight ? Lk_ - Lq_ : 0),
-        left(left_), right(right_), causal(causal_kind != kNotCausal) {}
+        left(left_ >= Lk_ ? -1 : left_), right(right_ >= Lq_ ? -1 : right_), causal(causal_kind != kNotCausal) {}
 
   ENTMAX_HD KeyRange keys_of_row(int64_t i) const {
     int64_t lo = 0, hi = Lk;

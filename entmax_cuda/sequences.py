@@ -121,11 +121,11 @@ def _varlen_alpha(alpha, q: torch.Tensor, cu_q: torch.Tensor, Hq: int) -> torch.
         return alpha.expand(1, Hq, total)
     if alpha.shape == (Hq,):
         return alpha.reshape(1, Hq, 1).expand(1, Hq, total)
-    if alpha.shape == (total, Hq):  # per token (also per sequence when every sequence has one token)
-        return alpha.t().unsqueeze(0)
-    if alpha.shape == (n_seqs, Hq):
+    if alpha.shape == (n_seqs, Hq):  # per sequence (read so also when total_q == n_seqs)
         per_token = alpha.repeat_interleave((cu_q[1:] - cu_q[:-1]).long(), dim=0, output_size=total)
         return per_token.t().unsqueeze(0)
+    if alpha.shape == (total, Hq):  # per token
+        return alpha.t().unsqueeze(0)
     raise ValueError(
         f"{caller}: alpha must be a float, 0-d, per head ({Hq},), per sequence and head ({n_seqs}, {Hq}) or per "
         f"token ({total}, {Hq}), got shape {tuple(alpha.shape)}"
@@ -142,8 +142,8 @@ def varlen_entmax(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     max_seqlen_q/k: the longest (ints). Hq a multiple of Hkv. Returns (total_q, Hq, Dv):
     each sequence attends only to its own keys, as scaled_dot_product_entmax on that
     sequence alone. alpha: a float >= 1, 0-d, per head (Hq,), per sequence and head
-    (n_seqs, Hq) or per token (total_q, Hq); differentiable (its gradient has alpha's
-    shape), as are q, k and v. is_causal: aligned bottom-right within each sequence (query
+    (n_seqs, Hq) or per token (total_q, Hq) (when total_q == n_seqs, an (n_seqs, Hq) alpha
+    is read per sequence); differentiable (its gradient has alpha's shape), as are q, k and v. is_causal: aligned bottom-right within each sequence (query
     i of Lq sees key j iff j <= i + Lk - Lq; the same as top-left when Lq == Lk).
     alibi_slopes (Hq,) or (n_seqs, Hq) and window_size (left, right) as in
     scaled_dot_product_entmax, per sequence. The offsets are checked (start at 0,

@@ -299,6 +299,26 @@ def test_varlen_with_windows_and_alibi_per_sequence(kernels):
     _close(out, want, dtype, "output")
 
 
+def test_window_sides_wider_than_the_sequence_mean_unbounded():
+    """A window side of any size, sys.maxsize included, is clipped to the sequence: no overflow."""
+    q, k, v = (torch.randn(1, 2, 130, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for wide, unbounded in (((sys.maxsize, 0), (-1, 0)), ((-1, sys.maxsize), (-1, -1)), ((130, 129), (-1, -1))):
+        outs = [entmax_cuda.scaled_dot_product_entmax(q, k, v, 1.5, window_size=w) for w in (wide, unbounded)]
+        grads = [torch.autograd.grad(o.sum(), (q, k, v)) for o in outs]
+        assert torch.equal(outs[0], outs[1])
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+
+
+def test_varlen_alpha_per_sequence_when_total_equals_the_sequence_count():
+    """cu_seqlens [0, 0, 2]: two sequences, two tokens; an alpha of shape (2, H) is per sequence."""
+    q, k, v = (torch.randn(2, 1, 4, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 0, 2], dtype=torch.int32)
+    out = entmax_cuda.varlen_entmax(q, k, v, cu, cu, 2, 2, alpha=torch.tensor([[1.5], [2.0]], dtype=torch.float64))
+    want = entmax_cuda.varlen_entmax(q, k, v, cu, cu, 2, 2, alpha=2.0)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 def test_varlen_compiles_with_fullgraph():
     H, D = 2, 8
     q, k, v = _packed(SEQ_Q, H, D, torch.float32), _packed(SEQ_K, H, D, torch.float32), _packed(SEQ_K, H, D,
