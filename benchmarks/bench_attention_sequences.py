@@ -13,11 +13,13 @@ sequences whose lengths are all equal ("equal") or spread ("ragged": uniform in 
                  a softmax model pays)
 decode (one step, forward only): B queries of one token, Hq 32, Hkv 8, D 128, against a cache of
 Lcache keys per entry:
-  kvcache        entmax_cuda.entmax_with_kvcache (one CTA per (entry, head); no split-K yet)
+  kvcache        entmax_cuda.entmax_with_kvcache (keys split across work items, the number of
+                 splits chosen per call: docs/attention.md, section 8)
   sdpa           F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True) (softmax)
-Ratios are measured side by side in one run; each row records the worst difference of the
-fused results from each other (varlen against padded: the same kernels, so 0 up to the
-padded rows' different tiles) and the seconds per step.
+Ratios are measured side by side in one run; each row records a worst difference (varlen:
+of varlen's output from padded's, the same kernels, so 0 up to the padded rows' different
+tiles; decode: of kvcache's output from a float64 composite, entmax_cuda.entmax on the
+float64 scores) and the milliseconds per step.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ def decode_case(entmax_cuda, B, Lcache, device, dtype, reps, Hq=32, Hkv=8, D=128
 
     row = {"suite": "decode", "B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "Lcache": Lcache}
     with torch.no_grad():
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k_cache.double().repeat_interleave(Hq // Hkv, 2))
+        want = torch.einsum("bhqk,bkhd->bqhd", entmax_cuda.entmax(scores * D ** -0.5, 1.5, dim=-1),
+                            v_cache.double().repeat_interleave(Hq // Hkv, 2))
+        row["max_err"] = (run_kvcache().double() - want).abs().max().item()
+        del scores, want
         for name, fn in (("kvcache", run_kvcache), ("sdpa", run_sdpa)):
             row[name] = common.time_fn(fn, device, min_reps=reps[0], max_reps=reps[1], budget_s=reps[2])["median_ms"]
     row["kvcache_over_sdpa"] = row["kvcache"] / row["sdpa"]
@@ -136,7 +143,7 @@ def table(rows):
         else:
             case = f"B {r['B']}, Hq {r['Hq']}, Hkv {r['Hkv']}, D {r['D']}, Lcache {r['Lcache']}"
             lines.append(f"| decode fwd | {case} | {r['kvcache']:.2f} | {r['sdpa']:.2f} | "
-                         f"{r['kvcache_over_sdpa']:.2f} | | |")
+                         f"{r['kvcache_over_sdpa']:.2f} | | {r['max_err']:.1e} |")
     return "\n".join(lines)
 
 

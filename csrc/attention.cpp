@@ -30,4 +30,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(entmax_cuda, m) {
         "int causal, float scale, Tensor stats, Tensor block_map, bool alpha_grad, Tensor? alibi_slopes=None, "
         "int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
         "Tensor? seqused_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Decoding: a padded batch as attention_forward's, causal bottom-right (query i of Lq
+  // sees keys j <= i + L - Lq, L = seqused_k[b] or Lk), no mask, forward only. The keys
+  // are split into num_splits parts worked on in parallel (0: the op chooses; the CUDA
+  // op fills the device) that agree on each row's threshold before any output is formed
+  // (docs/attention.md, decoding). Returns (out (B, Hq, Lq, Dv), stats (B, Hq, 4, Lq)).
+  m.def("attention_decode(Tensor q, Tensor k, Tensor v, Tensor alpha, float scale, Tensor? alibi_slopes, "
+        "int window_left, int window_right, Tensor? seqused_k, int num_splits) -> (Tensor, Tensor)");
 }

@@ -3,6 +3,7 @@
 // the user-facing messages first, these guard the ops themselves).
 #pragma once
 
+#include "attention_decode_math.h"
 #include "attention_math.h"
 #include "entmax_ops.h"
 
@@ -139,6 +140,27 @@ inline Shape check_attention_backward_args(const Tensor& grad_out, const Tensor&
                    block_map.scalar_type() == ScalarType::Byte && block_map.is_contiguous(),
                "attention_backward: block_map must be the forward's (B, Hq, ceil(Lq/64), ceil(Lk/64)) uint8 map");
   return s;
+}
+
+// The decode op's arguments: a padded batch (q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D/Dv)),
+// causal bottom-right, ALiBi, a window and seqused_k; num_splits 0 (the op's choice) or
+// the splits wanted.
+inline Shape check_decode_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
+                               const Geometry& g, int64_t num_splits) {
+  using namespace entmax_cuda::attention;
+  ENTMAX_CHECK(!g.packed(), "attention_decode: takes a padded batch (seqused_k), not packed sequences");
+  ENTMAX_CHECK(num_splits >= 0 && num_splits <= kDecodeMaxSplits, "attention_decode: num_splits must lie in [0, ",
+               kDecodeMaxSplits, "] (0: chosen by the op), got ", num_splits);
+  return check_attention_args("attention_decode", q, k, v, alpha, std::nullopt, kCausalLowerRight, g);
+}
+
+// The launch plan: num_splits as asked, or (0) enough splits for about target_items work items.
+inline attention::DecodePlan decode_plan(const Shape& s, int64_t num_splits, int64_t target_items) {
+  using attention::DecodePlan;
+  const DecodePlan one(s.B, s.Hq, s.Hkv, s.Lq, s.Lk, 1);
+  const int64_t splits =
+      num_splits > 0 ? num_splits : attention::decode_splits_for(one.items(), one.nK, target_items);
+  return DecodePlan(s.B, s.Hq, s.Hkv, s.Lq, s.Lk, splits);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 """Python side of the fused attention ops: fake (meta) kernels and the autograd formula.
 
 The schemas and the CPU/CUDA kernels live in csrc/ (attention.cpp); the backward is an op
-of its own (entmax_cuda::attention_backward), so torch.compile sees both. The ops take a
+of its own (entmax_cuda::attention_backward), so torch.compile sees both. Decoding has an
+op of its own too (entmax_cuda::attention_decode, forward only: keys split across work items). The ops take a
 padded batch (B, H, L, D), or packed sequences along the rows of batch-1 tensors with
 cu_seqlens, plus ALiBi slopes, a window and per-entry key counts (the "geometry"
 arguments, the same on both ops).
@@ -22,6 +23,12 @@ NOT_CAUSAL, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
 
 forward_op = torch.ops.entmax_cuda.attention_forward.default
 backward_op = torch.ops.entmax_cuda.attention_backward.default
+decode_op = torch.ops.entmax_cuda.attention_decode.default
+
+# Query rows of one decoding work item (attention_decode_math.h: kDecodeRows), and the most
+# key splits the decode op takes (kDecodeMaxSplits).
+DECODE_ROWS = 16
+MAX_DECODE_SPLITS = 128
 
 # The geometry arguments of both ops, in schema order, and their defaults (a padded batch).
 GEOMETRY_ARGS = ("alibi_slopes", "window_left", "window_right", "cu_seqlens_q", "cu_seqlens_k", "seqused_k",
@@ -57,6 +64,12 @@ def _attention_forward_fake(q, k, v, alpha, mask, causal, scale, alibi_slopes=No
 def _attention_backward_fake(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad,
                              *geometry):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha.new_empty(alpha.shape))
+
+
+@torch.library.register_fake("entmax_cuda::attention_decode")
+def _attention_decode_fake(q, k, v, alpha, scale, alibi_slopes, window_left, window_right, seqused_k, num_splits):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty(B, Hq, Lq, v.shape[3]), alpha.new_empty(B, Hq, 4, Lq)
 
 
 def _setup_context(ctx, inputs, output):

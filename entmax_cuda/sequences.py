@@ -17,7 +17,7 @@ import torch
 
 from . import _build, attention_ops
 from .attention import _scale_of, alibi_of, window_of
-from .attention_ops import CAUSAL_LOWER_RIGHT, MAX_HEAD_DIM, NOT_CAUSAL
+from .attention_ops import CAUSAL_LOWER_RIGHT, DECODE_ROWS, MAX_DECODE_SPLITS, MAX_HEAD_DIM, NOT_CAUSAL
 from .functional import _FLOAT_DTYPES, _accumulation_dtype, check_alpha
 
 __all__ = ["varlen_entmax", "entmax_with_kvcache"]
@@ -181,7 +181,7 @@ def varlen_entmax(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 
 def entmax_with_kvcache(q, k_cache, v_cache, cache_seqlens, alpha=1.5, k=None, v=None, scale=None,
-                        alibi_slopes=None, window_size=(-1, -1)) -> torch.Tensor:
+                        alibi_slopes=None, window_size=(-1, -1), num_splits=0) -> torch.Tensor:
     """Decoding step: alpha-entmax attention of a few new queries against a KV cache (forward only).
 
     q (B, Lq, Hq, D) (Lq >= 1, usually 1), k_cache (B, Lcache, Hkv, D), v_cache
@@ -195,6 +195,13 @@ def entmax_with_kvcache(q, k_cache, v_cache, cache_seqlens, alpha=1.5, k=None, v
     window_size (left, right) as in scaled_dot_product_entmax. Returns (B, Lq, Hq, Dv).
     No gradients (use scaled_dot_product_entmax or varlen_entmax to train). The lengths
     are checked (cache_seqlens + Lnew <= Lcache) as varlen_entmax's offsets are.
+
+    num_splits: into how many parts the keys are split, each worked on in parallel (the
+    parts agree on every row's threshold before the output is formed, so the result does not
+    depend on it beyond rounding). 0 (default): chosen per call; on a GPU enough parts to
+    fill the device when B * Hkv cannot. 1 to 128: that many (at most one per 64-key tile).
+    With Lq > 16 and num_splits = 0, the queries go through the tiled attention kernel
+    instead (prefill).
     """
     caller = "entmax_with_kvcache"
     named = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
@@ -228,6 +235,9 @@ def entmax_with_kvcache(q, k_cache, v_cache, cache_seqlens, alpha=1.5, k=None, v
             )
     left, right = window_of(caller, window_size)
     alibi = alibi_of(caller, alibi_slopes, B, Hq, q)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_DECODE_SPLITS:
+        raise ValueError(f"{caller}: num_splits must be an int in [0, {MAX_DECODE_SPLITS}] (0: chosen per call), "
+                         f"got {num_splits!r}")
     acc = _accumulation_dtype(q.dtype)
     check_alpha(caller, alpha)
     if not isinstance(alpha, torch.Tensor):
@@ -246,7 +256,11 @@ def entmax_with_kvcache(q, k_cache, v_cache, cache_seqlens, alpha=1.5, k=None, v
             k_cache[batch, positions] = k
             v_cache[batch, positions] = v
         used = seqlens + Lnew
-        out, _, _ = attention_ops.forward_op(
-            q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), alpha_rows, None,
-            CAUSAL_LOWER_RIGHT, _scale_of(scale, D), alibi, left, right, None, None, used, 0, 0)
+        rows = (q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+        if num_splits > 0 or Lq <= DECODE_ROWS:
+            out, _ = attention_ops.decode_op(*rows, alpha_rows, _scale_of(scale, D), alibi, left, right, used,
+                                             num_splits)
+        else:
+            out, _, _ = attention_ops.forward_op(*rows, alpha_rows, None, CAUSAL_LOWER_RIGHT, _scale_of(scale, D),
+                                                 alibi, left, right, None, None, used, 0, 0)
     return out.transpose(1, 2)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU verification (issues 10 and 11) in one call, on an offline machine that already has
+# The whole GPU verification in one call, on an offline machine that already has
 # a CUDA build of torch:
 #   scripts/gpu_check.sh OUTDIR
 # Steps, in order of importance; each has its own time limit, cut further so that the whole call
@@ -7,11 +7,12 @@
 # is skipped and said so in summary.txt:
 #   build            entmax_cuda for this machine's GPU only (--no-build-isolation --no-deps)
 #   info             python -m entmax_cuda.info
-#   attention-smoke  each CUDA attention path and dtype against the CPU kernel, one line per case
+#   attention-smoke  each CUDA attention path and dtype, and the decode op, against the CPU kernels, one line
+#                    per case
 #   tests-cuda       pytest -m cuda over the whole suite (JUnit XML beside the log)
 #   bench-entmax     bench_entmax.py's 6 shapes x alpha 1.5, rand: fused, fused_xgrad, softmax,
 #                    AdaSplash triton_entmax; copy bandwidth; before/after against the H200 run of
-#                    07d9ecb (benchmarks/compare.py) and the issue-11 targets (benchmarks/targets.py)
+#                    07d9ecb (benchmarks/compare.py) and the operator's speed targets (benchmarks/targets.py)
 #   bench-attention-*  bench_attention.py: fused vs SDPA flash, the composite, AdaSplash (bf16,
 #                    L 1k-16k, D 64/128, random/local, causal/full), L = 32k/128k, learnable alpha,
 #                    SIMT vs tensor cores, float16

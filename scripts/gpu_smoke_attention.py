@@ -4,8 +4,8 @@ the CPU kernel it lands, in seconds, before the test suite.
     python scripts/gpu_smoke_attention.py [--json FILE]     # the installed entmax_cuda
     PYTHONPATH=. python scripts/gpu_smoke_attention.py        # an in-place build
 
-Each path (ENTMAX_ATTENTION_PATH=tensor_core, then simt) runs in a process of its own with a
-time limit, so a kernel that faults or hangs is named and the other path still reports. Per case:
+Each path (ENTMAX_ATTENTION_PATH=tensor_core, then simt, then the decode op with its keys split)
+runs in a process of its own with a time limit, so a kernel that faults or hangs is named and the other path still reports. Per case:
 the largest difference from the CPU kernel on the same inputs (relative to the largest entry) of
 the output and the four gradients, the share of block-map entries and of rows' evaluation counts
 that differ, and the CUDA forward+backward time. Numbers only: tests/test_attention.py judges them.
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 CASE_TIMEOUT_S = 120  # per path process
-# (dtype, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key mask) per path
+# (dtype, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key mask) per path; for "decode" (the decode op,
+# causal bottom-right, no mask) the causal column holds num_splits (0: the op's choice).
 CASES = {
     "tensor_core": [
         ("float16", 1, 2, 2, 130, 200, 64, 64, 0, False),
@@ -37,6 +38,12 @@ CASES = {
         ("float64", 2, 4, 2, 300, 500, 64, 64, 1, True),
         ("bfloat16", 1, 2, 1, 257, 190, 128, 128, 2, False),
         ("float32", 1, 2, 2, 100, 150, 200, 200, 1, True),
+    ],
+    "decode": [
+        ("bfloat16", 1, 32, 8, 1, 32768, 128, 128, 0, False),
+        ("float16", 8, 32, 8, 1, 4096, 128, 128, 0, False),
+        ("float32", 2, 8, 2, 3, 5000, 64, 96, 7, False),
+        ("float64", 3, 4, 4, 1, 1000, 256, 256, 1, False),
     ],
 }
 NAMES = ["out", "dq", "dk", "dv", "dalpha"]
@@ -92,10 +99,44 @@ def run_case(case):
             "evals_differ": cuda[1][:, :, 3].ne(cpu[1][:, :, 3]).double().mean().item(), "cuda_ms": ms}
 
 
+def run_decode_case(case):
+    import torch
+
+    from entmax_cuda import attention_ops
+
+    dtype_name, B, Hq, Hkv, Lq, Lk, D, Dv, num_splits, _ = case
+    dtype = getattr(torch, dtype_name)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64) * 1.5).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=torch.float64).to(dtype)
+    alpha = (1 + torch.rand(B, Hq, Lq, generator=g, dtype=torch.float64)).to(acc)
+    used = torch.randint(Lk // 2, Lk + 1, (B,), generator=g, dtype=torch.int32)
+
+    def results(device):
+        t = [x.to(device) for x in (q, k, v, alpha, used)]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out, stats = attention_ops.decode_op(*t[:4], D ** -0.5, None, -1, -1, t[4], num_splits)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return [out.cpu(), stats.cpu()], (time.perf_counter() - t0) * 1e3
+
+    cpu, _ = results("cpu")
+    results("cuda")
+    cuda, ms = results("cuda")
+    errors = {name: 0.0 for name in NAMES}  # forward only
+    errors["out"] = _rel(cuda[0], cpu[0])
+    return {"errors": errors, "map_differ": 0.0, "evals_differ": cuda[1][:, :, 3].ne(cpu[1][:, :, 3]).double().mean().item(),
+            "cuda_ms": ms}
+
+
 def worker(path):
     for i, case in enumerate(CASES[path]):
         try:
-            rec = {"index": i, "status": "ran", **run_case(case)}
+            rec = {"index": i, "status": "ran", **(run_decode_case(case) if path == "decode" else run_case(case))}
         except Exception as e:  # noqa: BLE001  (reported, the next case still runs)
             rec = {"index": i, "status": f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         print(json.dumps(rec), flush=True)
@@ -111,7 +152,7 @@ def main(argv=None):
         return 0
     records, failed = [], False
     for path, cases in CASES.items():
-        env = dict(os.environ, ENTMAX_ATTENTION_PATH=path, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, ENTMAX_ATTENTION_PATH="auto" if path == "decode" else path, PYTHONUNBUFFERED="1")
         t0 = time.perf_counter()
         try:
             done = subprocess.run([sys.executable, __file__, "--worker", path], capture_output=True, text=True,

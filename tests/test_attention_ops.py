@@ -57,6 +57,35 @@ def test_opcheck_backward(device, dtype):
                                   (grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map, alpha_grad))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_decode(device, dtype):
+    acc = acc_dtype(dtype)
+
+    def t(*shape):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    used = torch.tensor([300, 7], dtype=torch.int32, device=device)
+    alpha = (1 + torch.rand(2, 4, 3, device=device)).to(acc)
+    slopes = torch.rand(2, 4, device=device).to(acc)
+    for splits in (0, 3):
+        torch.library.opcheck(attention_ops.decode_op,
+                              (t(2, 4, 3, 8), t(2, 2, 300, 8), t(2, 2, 300, 12), alpha, 0.3, slopes, 40, -1, used,
+                               splits))
+    strided = t(1, 5, 2, 8).transpose(1, 2)  # (1, 2, 5, 8), the layout entmax_with_kvcache passes
+    torch.library.opcheck(attention_ops.decode_op, (strided, t(1, 1, 70, 8), t(1, 1, 70, 8),
+                                                    torch.full((1, 2, 5), 1.5, device=device).to(acc), 0.5, None,
+                                                    -1, -1, None, 2))
+
+
+def test_decode_constants_match_the_compiled_op():
+    q = torch.randn(1, 1, 1, 8)
+    k = torch.randn(1, 1, 64, 8)
+    alpha = torch.full((1, 1, 1), 1.5)
+    attention_ops.decode_op(q, k, k, alpha, 0.3, None, -1, -1, None, attention_ops.MAX_DECODE_SPLITS)
+    with pytest.raises(RuntimeError, match=f"num_splits must lie in \\[0, {attention_ops.MAX_DECODE_SPLITS}\\]"):
+        attention_ops.decode_op(q, k, k, alpha, 0.3, None, -1, -1, None, attention_ops.MAX_DECODE_SPLITS + 1)
+
+
 def test_block_grid_constants_match_the_compiled_op():
     q = torch.randn(1, 1, 130, 8)
     k = torch.randn(1, 1, 65, 8)

@@ -393,6 +393,12 @@ KNOWN_COUNTEREXAMPLES = {
     # float32, alpha > 2 (documented as not held): z = p^(alpha-1) ~ 63^-4 is below float32's resolution of
     # 1 + eps (u - t). Output off by 2.6e-5 (bound 1e-5); the float32 composite through entmax_cuda.entmax 3e-8.
     "float32 alpha 5 flat": dict(_MINIMAL, dtype=torch.float32, alpha=5.0),
+    # float32, alpha > 2, ordinary scores (6 x 100, D = 128, spread 1): output off by 6.0e-4 (bound 1e-5). The
+    # threshold and entries are computed in float32, where an entry at the support edge (dp/du = p^(2 - alpha))
+    # is ill-conditioned; the entmax op computes such rows in double. The decode path (entmax_with_kvcache)
+    # shares the row math and the miss.
+    "float32 alpha 5 random scores": dict(_MINIMAL, dtype=torch.float32, alpha=5.0, Lq=6, Lk=100, E=128, Ev=64,
+                                          spread=1.0),
     # grad q off by 1.1e-4 of its largest entry (bound 5e-5); the float32 composite 3e-7.
     "float32 alpha 2.5 flat": dict(_MINIMAL, dtype=torch.float32, alpha=2.5),
     # alpha-gradient at alpha = 1 (a per-head tensor) off by 1.9e-4 (bound 1e-4): the gradient (6e-5) is the
@@ -438,3 +444,103 @@ def test_emulated_cuda_kernels_match_the_float64_bisection_composite(emulation, 
         patch.setattr(_EmulatedAttention, "ops", emulation)
         patch.setattr(attention_ops, "forward_op", _EmulatedAttention.apply)
         check_case(case, "cpu")
+
+
+# ---------------------------------------------------------------- decoding with the keys split
+
+
+@st.composite
+def decode_cases(draw, dtypes=(torch.float32, torch.float64), alphas=ALPHAS, max_cache=600):
+    dtype = draw(st.sampled_from(dtypes))
+    B = draw(st.integers(1, 3))
+    Hkv = draw(st.integers(1, 2))
+    Hq = Hkv * draw(st.integers(1, 4))
+    Lq = draw(st.integers(1, 6))
+    Lcache = draw(st.one_of(st.integers(1, 70), st.sampled_from([64, 65, 128, 129]), st.integers(1, max_cache)))
+    used = [draw(st.integers(0, Lcache)) for _ in range(B)]
+    E = draw(HEAD_DIMS)
+    Ev = draw(st.one_of(st.just(E), HEAD_DIMS))
+    per_head = draw(st.booleans())
+    alpha = (torch.tensor(draw(st.lists(alphas, min_size=Hq, max_size=Hq)), dtype=torch.float64) if per_head
+             else draw(alphas))
+    slopes = draw(st.sampled_from([None, 0.01, 0.3]))
+    window = (draw(st.sampled_from([-1, 0, 5, 100])), draw(st.sampled_from([-1, 0, 3])))
+    spread = draw(SPREADS if dtype == torch.float64 else SPREADS_FLOAT32)
+    num_splits = draw(st.sampled_from([0, 1, 2, 3, 7, 16]))
+    seed = draw(st.integers(0, 2**16))
+    return dict(dtype=dtype, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lcache=Lcache, used=used, E=E, Ev=Ev, alpha=alpha,
+                slopes=slopes, window=window, spread=spread, num_splits=num_splits, seed=seed)
+
+
+def check_decode_case(case):
+    """entmax_with_kvcache on `case` against the float64 bisection composite of the rows it computes: query i
+    of Lq sees keys j <= i + L - Lq of the L in use, within the window, ALiBi added."""
+    note(repr(_describe(case)))
+    g = torch.Generator().manual_seed(case["seed"])
+    B, Hq, Hkv, Lq, Lcache, E, Ev = (case[n] for n in ("B", "Hq", "Hkv", "Lq", "Lcache", "E", "Ev"))
+    dtype = case["dtype"]
+    q = (torch.randn(B, Lq, Hq, E, generator=g, dtype=torch.float64) * case["spread"]).to(dtype)
+    k_cache = torch.randn(B, Lcache, Hkv, E, generator=g, dtype=torch.float64).to(dtype)
+    v_cache = torch.randn(B, Lcache, Hkv, Ev, generator=g, dtype=torch.float64).to(dtype)
+    used = torch.tensor(case["used"], dtype=torch.int32)
+    alpha = case["alpha"]
+    slopes = None if case["slopes"] is None else torch.full((Hq,), case["slopes"]) * torch.linspace(0.5, 1.0, Hq)
+    out = entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used,
+                                          alpha=alpha.to(acc_dtype(dtype)) if torch.is_tensor(alpha) else alpha,
+                                          alibi_slopes=slopes, window_size=case["window"],
+                                          num_splits=case["num_splits"])
+    assert out.shape == (B, Lq, Hq, Ev) and out.dtype == dtype
+    scale = E ** -0.5
+    left, right = case["window"]
+    worst, s_max = 0.0, 0.0
+    for b in range(B):
+        L = int(used[b])
+        qb = q[b].transpose(0, 1).double()  # (Hq, Lq, E)
+        kb = k_cache[b, :L].transpose(0, 1).double().repeat_interleave(Hq // Hkv, 0)
+        vb = v_cache[b, :L].transpose(0, 1).double().repeat_interleave(Hq // Hkv, 0)
+        i = torch.arange(Lq).unsqueeze(1) + L - Lq  # the key each query row is aligned with
+        j = torch.arange(L).unsqueeze(0)
+        keep = j <= i
+        if left >= 0:
+            keep &= j >= i - left
+        if right >= 0:
+            keep &= j <= i + right
+        s = qb @ kb.transpose(-2, -1) * scale
+        if slopes is not None:
+            s = s - slopes.double().reshape(-1, 1, 1) * (i - j).abs().double()
+        s = s.masked_fill(~keep, float("-inf"))
+        a = alpha.to(acc_dtype(dtype)).double().reshape(Hq, 1, 1) if torch.is_tensor(alpha) else torch.tensor(
+            alpha, dtype=acc_dtype(dtype)).double().reshape(1, 1, 1)
+        want = bisect_entmax(s, a.expand(Hq, Lq, 1)) @ vb if L else torch.zeros(Hq, Lq, Ev, dtype=torch.float64)
+        finite = s[torch.isfinite(s)]
+        s_max = max(s_max, finite.abs().max().item() if finite.numel() else 0.0)
+        worst = max(worst, (out[b].transpose(0, 1).double() - want).abs().max().item())
+    atol = FWD_ATOL[dtype] * max(1.0, s_max / 10)
+    assert worst <= atol, f"output off by {worst:.3g} (bound {atol:.3g}, max |score| {s_max:.3g})"
+
+
+@_share(4)
+@given(case=decode_cases())
+def test_split_decode_matches_the_float64_bisection_composite(case):
+    """The decode path (the CPU twin of the split-K kernels): any split count, GQA, ragged caches (empty
+    ones too), windows, ALiBi, alpha per head, against the float64 composite."""
+    check_decode_case(case)
+
+
+@_share(20)
+@given(case=decode_cases(max_cache=200))
+def test_emulated_split_decode_matches_the_float64_bisection_composite(emulation, case):
+    """A few of the same cases through the CUDA decode kernels run on the CPU."""
+    from route_attention_ops import emulated_decode_op
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_ops, "decode_op", emulated_decode_op(emulation))
+        check_decode_case(case)
+
+
+@pytest.mark.xfail(reason="alpha > 2 misses the bounds as the tiled forward does (KNOWN_COUNTEREXAMPLES)",
+                   strict=False)
+@settings(_share(4), phases=[Phase.explicit, Phase.reuse, Phase.generate])  # an expected failure: no shrinking
+@given(case=decode_cases(alphas=ALPHAS_ABOVE_TWO))
+def test_split_decode_alpha_above_two(case):
+    check_decode_case(case)

@@ -19,7 +19,7 @@ from entmax_cuda import attention_ops
 from testing import REPO_ROOT, acc_dtype
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "cuda_emulation"))
-from route_attention_ops import _EmulatedAttention  # noqa: E402
+from route_attention_ops import _EmulatedAttention, emulated_decode_op  # noqa: E402
 
 # Output: absolute; gradients: relative to the largest entry (tests/test_attention.py's).
 FWD_ATOL = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -50,6 +50,12 @@ class _OnCuda(torch.autograd.Function):
             len(ctx.needs_input_grad) - 4)
 
 
+def _decode_on_cuda(q, k, v, alpha, scale, *rest):
+    """decode_op's signature on CPU tensors, computed by the CUDA decode op on the GPU."""
+    moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in (q, k, v, alpha, scale, *rest)]
+    return tuple(t.cpu() for t in _decode_on_cuda.op(*moved))
+
+
 @pytest.fixture(params=["cpu-kernel", "emulated-simt", "emulated-tensor-cores",
                         pytest.param("cuda", marks=pytest.mark.cuda)])
 def kernels(request, monkeypatch):
@@ -59,13 +65,16 @@ def kernels(request, monkeypatch):
         if not torch.cuda.is_available():
             pytest.skip("no GPU")
         _OnCuda.forward_op, _OnCuda.backward_op = attention_ops.forward_op, attention_ops.backward_op
+        _decode_on_cuda.op = attention_ops.decode_op
         monkeypatch.setattr(attention_ops, "forward_op", _OnCuda.apply)
+        monkeypatch.setattr(attention_ops, "decode_op", _decode_on_cuda)
     elif request.param != "cpu-kernel":
         if not sys.platform.startswith("linux"):
             pytest.skip("the emulator uses glibc's ucontext")
         monkeypatch.setenv("ENTMAX_ATTENTION_PATH", "simt" if request.param == "emulated-simt" else "auto")
         monkeypatch.setattr(_EmulatedAttention, "ops", request.getfixturevalue("emulation"))
         monkeypatch.setattr(attention_ops, "forward_op", _EmulatedAttention.apply)
+        monkeypatch.setattr(attention_ops, "decode_op", emulated_decode_op(request.getfixturevalue("emulation")))
     return request.param
 
 
@@ -388,7 +397,7 @@ def _full_causal_last_rows(q, k_all, v_all, used, alpha_rows, slopes=None, windo
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("Lq", [1, 3, 20])  # 20: more rows than a decoding work item, the tiled kernel
 def test_kvcache_equals_the_last_rows_of_full_causal_attention(kernels, Lq):
     dtype = _dtype_for(kernels)
     B, Hq, Hkv, D, Lcache, Lnew = 3, 4, 2, 16, 200, 2
@@ -432,6 +441,108 @@ def test_kvcache_decoding_loop_matches_one_full_forward():
                                              v=v[:, t:t + 1]) for t in range(L)]
     full = entmax_cuda.scaled_dot_product_entmax(*(x.transpose(1, 2) for x in (q, k, v)), 1.8, is_causal=True)
     torch.testing.assert_close(torch.cat(steps, 1), full.transpose(1, 2), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- decoding with split keys
+
+
+def _decode_case(dtype, B=3, Hq=8, Hkv=2, Lq=1, D=24, Dv=40, Lcache=700, used=(700, 333, 0), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64).to(dtype)
+    k_cache = torch.randn(B, Lcache, Hkv, D, generator=g, dtype=torch.float64).to(dtype)
+    v_cache = torch.randn(B, Lcache, Hkv, Dv, generator=g, dtype=torch.float64).to(dtype)
+    return q, k_cache, v_cache, torch.tensor(used, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 11])
+@pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0, 3.0])
+def test_split_decode_equals_the_composite(kernels, num_splits, alpha):
+    """Keys split across work items (each a few rows of one kv head's group): every split count
+    gives the composite's rows, GQA groups of 4 over 2 row chunks (Lq 5), an empty cache entry included."""
+    dtype = _dtype_for(kernels)
+    q, k_cache, v_cache, used = _decode_case(dtype, Lq=5)
+    out = entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used, alpha=alpha, num_splits=num_splits)
+    _close(out, _full_causal_last_rows(q, k_cache, v_cache, used, alpha), dtype, "output")
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_split_decode_with_alibi_window_and_alpha_per_head(kernels, num_splits):
+    dtype = _dtype_for(kernels)
+    B, Hq = 3, 8
+    q, k_cache, v_cache, used = _decode_case(dtype, Lq=2, used=(700, 90, 1), seed=1)
+    slopes = torch.rand(B, Hq, generator=torch.Generator().manual_seed(2)) * 0.05
+    alpha = torch.linspace(1.0, 2.5, Hq, dtype=acc_dtype(dtype))
+    window = (250, 0)
+    out = entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used, alpha=alpha, alibi_slopes=slopes,
+                                          window_size=window, num_splits=num_splits)
+    want = _full_causal_last_rows(q, k_cache, v_cache, used, alpha.expand(B, Hq), slopes, window)
+    _close(out, want, dtype, "output")
+
+
+def _decode_ops(q, k_cache, v_cache, used, alpha, num_splits):
+    rows = (q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+    B, Lq, Hq, D = q.shape
+    alpha_rows = torch.full((B, Hq, Lq), alpha, dtype=acc_dtype(q.dtype))
+    return rows, alpha_rows, D ** -0.5
+
+
+def test_split_decode_twins_agree_and_schedules_do_not_matter(emulation):
+    """The CPU twin and the emulated CUDA kernels run the same passes and merges: float64
+    outputs and thresholds to rounding, the same number of evaluations per row; and the
+    emulated kernels give bitwise the same results when warps run in random orders."""
+    from route_attention_ops import DECODE_TARGET_ITEMS
+
+    q, k_cache, v_cache, used = _decode_case(torch.float64, Lq=3, used=(700, 333, 64))
+    for alpha in (1.1, 1.5, 2.5):
+        rows, alpha_rows, scale = _decode_ops(q, k_cache, v_cache, used, alpha, 0)
+        for splits in (1, 5):
+            out, stats = attention_ops.decode_op(*rows, alpha_rows, scale, None, -1, -1, used, splits)
+            emu = [emulation.attention_decode(*rows, alpha_rows, scale, None, -1, -1, used, splits,
+                                              DECODE_TARGET_ITEMS, schedule) for schedule in (0, 7)]
+            torch.testing.assert_close(emu[0][0], out, rtol=0, atol=1e-13)
+            torch.testing.assert_close(emu[0][1][:, :, :3], stats[:, :, :3], rtol=0, atol=1e-13)
+            assert torch.equal(emu[0][1][:, :, 3], stats[:, :, 3]), "evaluations per row differ"
+            assert torch.equal(emu[0][0], emu[1][0]) and torch.equal(emu[0][1], emu[1][1]), "schedule-dependent"
+
+
+def test_split_decode_statistics_equal_the_single_pass_forward():
+    """Row max, threshold and normalisation equal the tiled forward's on the same rows."""
+    q, k_cache, v_cache, used = _decode_case(torch.float64, Lq=2, Lcache=3000, used=(3000, 1500, 70))
+    for alpha in (1.05, 1.5, 4.0):
+        rows, alpha_rows, scale = _decode_ops(q, k_cache, v_cache, used, alpha, 0)
+        out, stats = attention_ops.decode_op(*rows, alpha_rows, scale, None, -1, -1, used, 7)
+        ref, ref_stats, _ = attention_ops.forward_op(*rows, alpha_rows, None, attention_ops.CAUSAL_LOWER_RIGHT,
+                                                     scale, None, -1, -1, None, None, used, 0, 0)
+        # two summation orders over 3000 keys: the suite's float64 bound, not bitwise
+        torch.testing.assert_close(out, ref, rtol=0, atol=FWD_ATOL[torch.float64])
+        torch.testing.assert_close(stats[:, :, :3], ref_stats[:, :, :3], rtol=1e-11, atol=FWD_ATOL[torch.float64])
+
+
+def test_split_decode_on_long_dense_rows():
+    """32k keys at alpha near 1 (dense rows: the candidates hold little of the mass, so the splits
+    go through threshold passes) and at alpha 1.5, 64 splits, float32 and float64."""
+    for dtype in (torch.float64, torch.float32):
+        q, k_cache, v_cache, used = _decode_case(dtype, B=1, Hq=2, Hkv=1, D=16, Dv=16, Lcache=32768,
+                                                 used=(32768,), seed=3)
+        for alpha in (1.05, 1.5):
+            out = entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used, alpha=alpha, num_splits=64)
+            _close(out, _full_causal_last_rows(q, k_cache, v_cache, used, alpha), dtype, "output")
+
+
+def test_split_decode_bad_rows_are_nan_and_others_are_not(kernels):
+    dtype = _dtype_for(kernels)
+    q, k_cache, v_cache, used = _decode_case(dtype, B=2, Hq=2, Hkv=1, Lq=1, Lcache=300, used=(300, 200))
+    k_cache[0, 17, 0, 3] = float("nan")  # every row of entry 0 sees key 17
+    out = entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used, alpha=1.5, num_splits=3)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    _close(out[1:], _full_causal_last_rows(q[1:], k_cache[1:], v_cache[1:], used[1:], 1.5), dtype, "output")
+
+
+@pytest.mark.parametrize("num_splits", [-1, 129, 2.0, True])
+def test_split_decode_num_splits_must_be_valid(num_splits):
+    q, k_cache, v_cache, used = _decode_case(torch.float32, B=1, used=(5,))
+    with pytest.raises(ValueError, match="num_splits"):
+        entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used, num_splits=num_splits)
 
 
 # ---------------------------------------------------------------- errors

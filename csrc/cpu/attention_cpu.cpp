@@ -433,66 +433,6 @@ void backward_key_tile(BackwardScratch<scalar_t, acc_t>& w, const Problem<scalar
 
 // ------------------------------------------------------------------ ops
 
-template <typename scalar_t, typename acc_t>
-Problem<scalar_t, acc_t> make_problem(const Shape& s, const Tensor& q, const Tensor& k, const Tensor& v,
-                                      const Tensor& alpha, const std::optional<Tensor>& mask, int64_t causal,
-                                      double scale, const Geometry& g) {
-  Problem<scalar_t, acc_t> P;
-  P.B = s.B; P.Hq = s.Hq; P.Hkv = s.Hkv; P.group = s.Hq / s.Hkv;
-  P.Lq = s.Lq; P.Lk = s.Lk; P.D = s.D; P.Dv = s.Dv;
-  P.rows_b = s.rows_b; P.rows_q = s.rows_q; P.rows_k = s.rows_k;
-  P.nQ = num_tiles(s.Lq, kBlockQ);
-  P.nK = num_tiles(s.Lk, kBlockK);
-  P.causal = causal;
-  P.left = g.left;
-  P.right = g.right;
-  P.Dp = padded_dim<acc_t>(s.D);
-  P.Dvp = padded_dim<acc_t>(s.Dv);
-  P.scale = static_cast<acc_t>(scale);
-  P.q = View4<scalar_t>(q);
-  P.k = View4<scalar_t>(k);
-  P.v = View4<scalar_t>(v);
-  P.alpha = alpha.const_data_ptr<acc_t>();
-  P.as0 = alpha.stride(0); P.as1 = alpha.stride(1); P.as2 = alpha.stride(2);
-  P.mask_kind = kNoMask;
-  if (mask.has_value()) {
-    if (mask->scalar_type() == ScalarType::Bool) {
-      P.mask_kind = kBoolMask;
-      P.bool_mask = View4<bool>(*mask);
-    } else {
-      P.mask_kind = kAdditiveMask;
-      P.add_mask = View4<acc_t>(*mask);
-    }
-  }
-  if (g.alibi.has_value()) {
-    P.alibi = g.alibi->const_data_ptr<acc_t>();
-    P.al0 = g.alibi->stride(0);
-    P.al1 = g.alibi->stride(1);
-  }
-  if (g.packed()) {
-    P.cu_q = g.cu_q->const_data_ptr<int32_t>();
-    P.cu_k = g.cu_k->const_data_ptr<int32_t>();
-  } else if (g.used_k.has_value()) {
-    P.used_k = g.used_k->const_data_ptr<int32_t>();
-  }
-  return P;
-}
-
-Geometry make_geometry(std::optional<Tensor> alibi_slopes, int64_t window_left, int64_t window_right,
-                       std::optional<Tensor> cu_seqlens_q, std::optional<Tensor> cu_seqlens_k,
-                       std::optional<Tensor> seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  Geometry g;
-  g.alibi = std::move(alibi_slopes);
-  g.cu_q = std::move(cu_seqlens_q);
-  g.cu_k = std::move(cu_seqlens_k);
-  g.used_k = std::move(seqused_k);
-  g.left = window_left;
-  g.right = window_right;
-  g.max_q = max_seqlen_q;
-  g.max_k = max_seqlen_k;
-  return g;
-}
-
 // Work item x of a sequence's nQ (or nK) items, of the n of the longest sequence:
 // the sequence's tiles in zigzag order, then the items past its tiles (no work).
 inline int64_t sequence_tile(int64_t x, int64_t n_seq) { return x < n_seq ? zigzag(x, n_seq) : x; }

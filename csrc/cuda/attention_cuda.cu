@@ -28,6 +28,7 @@
 namespace entmax_cuda {
 namespace attention_cuda {
 ENTMAX_ATTENTION_ALL_POLICIES(extern)
+ENTMAX_DECODE_ALL_TYPES(extern)
 }  // namespace attention_cuda
 
 namespace {
@@ -192,10 +193,66 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cuda(const Tensor&
   return std::make_tuple(call.dq, call.dk, call.dv, call.dalpha);
 }
 
+// The passes and merges of run_decode_passes on the GPU: launches on the call's stream;
+// a merge ends with one read of the count of rows left in the threshold phase (a host
+// synchronisation: the loop's length depends on the data).
+template <typename T>
+struct CudaDecodeRunner {
+  using acc_t = typename Scalar<T>::acc;
+  const AttentionParams& p;
+  const DecodeBuffers<acc_t>& w;
+  cudaStream_t stream;
+
+  void pass(int phase) { check_cuda(launch_decode_pass<T>(p, w, phase, stream), "the decode pass launch"); }
+  int64_t merge(int which) {
+    check_cuda(cudaMemsetAsync(w.pending, 0, sizeof(int), stream), "clearing the decode count");
+    check_cuda(launch_decode_merge<T>(p, w, which, stream), "the decode merge launch");
+    int pending = 0;
+    check_cuda(cudaMemcpyAsync(&pending, w.pending, sizeof(int), cudaMemcpyDeviceToHost, stream),
+               "reading the decode count");
+    check_cuda(cudaStreamSynchronize(stream), "the decode merge");
+    return pending;
+  }
+  int64_t merge_start() { return merge(kMergeStart); }
+  int64_t merge_threshold() { return merge(kMergeThreshold); }
+  int64_t merge_output() { return merge(kMergeOutput); }
+};
+
+// Work items that fill the device: two CTAs per multiprocessor.
+int64_t decode_target_items(const Tensor& q) {
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device_index()),
+             "reading the device's multiprocessors");
+  return 2 * static_cast<int64_t>(sms);
+}
+
+std::tuple<Tensor, Tensor> attention_decode_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const Tensor& alpha, double scale,
+                                                 std::optional<Tensor> alibi_slopes, int64_t window_left,
+                                                 int64_t window_right, std::optional<Tensor> seqused_k,
+                                                 int64_t num_splits) {
+  ENTMAX_CHECK(q.is_cuda(), "attention_decode (CUDA): tensors must be CUDA tensors");
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const Geometry g{alibi_slopes, std::nullopt, std::nullopt, seqused_k, window_left, window_right, 0, 0};
+  const AttentionDecodeCall call = prepare_decode(q, k, v, alpha, scale, g, num_splits, decode_target_items(q));
+  if (!call.empty) {
+    const cudaStream_t stream = stream_of(q);
+    dispatch_float_types(q.scalar_type(), [&](auto tag) {
+      using T = typename KernelType<decltype(tag)>::type;
+      Tensor workspace;
+      const DecodeBuffers<typename Scalar<T>::acc> w = decode_buffers<typename Scalar<T>::acc>(call, q, workspace);
+      CudaDecodeRunner<T> runner{call.p, w, stream};
+      ENTMAX_CHECK(attention::run_decode_passes(runner), "attention_decode: a threshold search did not end");
+    });
+  }
+  return std::make_tuple(call.out, call.stats);
+}
+
 }  // namespace
 }  // namespace entmax_cuda
 
 STABLE_TORCH_LIBRARY_IMPL(entmax_cuda, CUDA, m) {
   m.impl("attention_forward", TORCH_BOX(&entmax_cuda::attention_forward_cuda));
   m.impl("attention_backward", TORCH_BOX(&entmax_cuda::attention_backward_cuda));
+  m.impl("attention_decode", TORCH_BOX(&entmax_cuda::attention_decode_cuda));
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "attention_bwd_kernel.cuh"
+#include "attention_decode_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
 
 #include <cuda_runtime.h>
@@ -60,6 +61,39 @@ cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t str
   ENTMAX_ATTENTION_INSTANTIATE(prefix, TcGemm<__half, 128>)         \
   ENTMAX_ATTENTION_INSTANTIATE(prefix, TcGemm<__nv_bfloat16, 64>)   \
   ENTMAX_ATTENTION_INSTANTIATE(prefix, TcGemm<__nv_bfloat16, 128>)
+
+// Decoding (attention_decode_kernel.cuh): a pass over every work item, or a merge over
+// every row; no opt-in shared memory (DecodeSmem stays below 48 KiB).
+template <typename scalar_t>
+cudaError_t launch_decode_pass(const AttentionParams& p, const DecodeBuffers<typename Scalar<scalar_t>::acc>& w,
+                               int pass, cudaStream_t stream) {
+  static_assert(DecodeSmem<typename Scalar<scalar_t>::acc>::bytes <= 48 * 1024, "decode: default shared memory");
+  attention_decode_pass_kernel<scalar_t><<<static_cast<unsigned>(w.plan.items()), kThreads,
+                                          DecodeSmem<typename Scalar<scalar_t>::acc>::bytes, stream>>>(p, w, pass);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_decode_merge(const AttentionParams& p, const DecodeBuffers<typename Scalar<scalar_t>::acc>& w,
+                                int which, cudaStream_t stream) {
+  const int64_t blocks = attention::num_tiles(w.plan.rows(), kThreads);
+  attention_decode_merge_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, w, which);
+  return cudaGetLastError();
+}
+
+#define ENTMAX_DECODE_INSTANTIATE(prefix, T)                                                                   \
+  prefix template cudaError_t launch_decode_pass<T>(const AttentionParams&,                                    \
+                                                    const DecodeBuffers<typename Scalar<T>::acc>&, int,        \
+                                                    cudaStream_t);                                             \
+  prefix template cudaError_t launch_decode_merge<T>(const AttentionParams&,                                   \
+                                                     const DecodeBuffers<typename Scalar<T>::acc>&, int,       \
+                                                     cudaStream_t);
+
+#define ENTMAX_DECODE_ALL_TYPES(prefix)          \
+  ENTMAX_DECODE_INSTANTIATE(prefix, float)       \
+  ENTMAX_DECODE_INSTANTIATE(prefix, double)      \
+  ENTMAX_DECODE_INSTANTIATE(prefix, __half)      \
+  ENTMAX_DECODE_INSTANTIATE(prefix, __nv_bfloat16)
 
 }  // namespace attention_cuda
 }  // namespace entmax_cuda

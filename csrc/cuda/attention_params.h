@@ -7,6 +7,7 @@
 
 #include "../attention_ops.h"
 #include "../entmax_ops.h"
+#include "attention_decode_kernel.cuh"
 #include "attention_kernel_common.cuh"
 
 #include <torch/csrc/stable/ops.h>
@@ -176,6 +177,61 @@ inline AttentionBackwardCall prepare_backward(const Tensor& grad_out, const Tens
   p.q_rows = call.q_rows.mutable_data_ptr();
   p.alpha_grad = alpha_grad;
   return call;
+}
+
+// A decode call: its outputs, the kernels' parameters and the plan (`empty`: nothing to
+// compute). target_items: the work items that fill the device, for num_splits = 0.
+struct AttentionDecodeCall {
+  Tensor out, stats;
+  AttentionParams p;
+  attention::DecodePlan plan;
+  bool empty;
+};
+
+inline AttentionDecodeCall prepare_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
+                                          double scale, const Geometry& g, int64_t num_splits,
+                                          int64_t target_items) {
+  const Shape s = check_decode_args(q, k, v, alpha, g, num_splits);
+  AttentionDecodeCall call{torch::stable::new_empty(q, {s.B, s.Hq, s.Lq, s.Dv}),
+                           torch::stable::new_empty(alpha, {s.B, s.Hq, attention::kNumStats, s.Lq}),
+                           AttentionParams{}, decode_plan(s, num_splits, target_items), s.B * s.Hq * s.Lq == 0};
+  if (call.empty) return call;
+  call.p = make_params(s, q, k, v, alpha, std::nullopt, attention::kCausalLowerRight, scale, g);
+  call.p.out = call.out.mutable_data_ptr();
+  call.p.stats = call.stats.mutable_data_ptr();
+  ENTMAX_CHECK(call.plan.items() <= std::numeric_limits<int32_t>::max() &&
+                   attention::num_tiles(call.plan.rows(), kThreads) <= std::numeric_limits<int32_t>::max(),
+               "entmax attention (CUDA): too many decoding work items for one launch");
+  return call;
+}
+
+// The decode buffers of a call in one workspace tensor on q's device (sizes linear in
+// rows x splits x Dv and in rows x key tiles; none in the cache length alone).
+template <typename acc_t>
+DecodeBuffers<acc_t> decode_buffers(const AttentionDecodeCall& call, const Tensor& q, Tensor& workspace) {
+  const attention::DecodePlan& plan = call.plan;
+  const size_t rows = static_cast<size_t>(plan.rows()), splits = static_cast<size_t>(plan.splits);
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t here = at;
+    at += align16(bytes);
+    return here;
+  };
+  const size_t summary = take(rows * splits * sizeof(attention::SplitSummary<acc_t>));
+  const size_t block_max = take(rows * static_cast<size_t>(plan.nK) * sizeof(acc_t));
+  const size_t row_state = take(rows * sizeof(attention::DecodeRow<acc_t>));
+  const size_t sums = take(rows * splits * 2 * sizeof(double));
+  const size_t partial = take(rows * splits * static_cast<size_t>(call.p.Dv) * sizeof(acc_t));
+  const size_t pending = take(sizeof(int));
+  workspace = torch::stable::new_empty(q, {static_cast<int64_t>(at)}, ScalarType::Byte);
+  unsigned char* base = static_cast<unsigned char*>(workspace.mutable_data_ptr());
+  return DecodeBuffers<acc_t>{plan,
+                              reinterpret_cast<attention::SplitSummary<acc_t>*>(base + summary),
+                              reinterpret_cast<acc_t*>(base + block_max),
+                              reinterpret_cast<attention::DecodeRow<acc_t>*>(base + row_state),
+                              reinterpret_cast<double*>(base + sums),
+                              reinterpret_cast<acc_t*>(base + partial),
+                              reinterpret_cast<int*>(base + pending)};
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 //                                            schedule, <geometry>)
 //   entmax_cuda_emulation::attention_backward(grad_out, q, k, v, alpha, mask?, causal, scale, stats,
 //                                             block_map, alpha_grad, policy, schedule, <geometry>)
+//   entmax_cuda_emulation::attention_decode(q, k, v, alpha, scale, alibi_slopes?, window_left,
+//                                           window_right, seqused_k?, num_splits, target_items, schedule)
 // on CPU tensors; policy 0: SimtGemm, 1: TcGemm with 64-column chunks, 2: with 128
 // (float16 / bfloat16 only), 3: as 1 with Turing's float16 mma (two m16n8k8 per
 // m16n8k16; float16 only), -1: the CUDA op's choice on a GPU with tensor cores for
@@ -18,6 +20,7 @@
 #include "cuda_emulation.h"
 
 #include "../../csrc/cuda/attention_bwd_kernel.cuh"
+#include "../../csrc/cuda/attention_decode_kernel.cuh"
 #include "../../csrc/cuda/attention_fwd_kernel.cuh"
 #include "../../csrc/cuda/attention_params.h"
 
@@ -134,6 +137,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> emulated_backward(const Tensor& grad_
   return std::make_tuple(call.dq, call.dk, call.dv, call.dalpha);
 }
 
+// The CUDA op's decode loop (run_decode_passes) with each launch run CTA by CTA.
+template <typename T>
+struct EmulatedDecodeRunner {
+  using acc_t = typename Scalar<T>::acc;
+  const AttentionParams& p;
+  const DecodeBuffers<acc_t>& w;
+  unsigned schedule;
+
+  void pass(int phase) {
+    for (int64_t item = 0; item < w.plan.items(); ++item)
+      emulation::run_cta(kThreads, DecodeSmem<acc_t>::bytes, static_cast<unsigned>(item),
+                         [&] { decode_pass<T>(p, w, phase); }, schedule);
+  }
+  int64_t merge(int which) {
+    *w.pending = 0;
+    for (int64_t block = 0; block < attention::num_tiles(w.plan.rows(), kThreads); ++block)
+      emulation::run_cta(kThreads, 0, static_cast<unsigned>(block), [&] { decode_merge<T>(p, w, which); },
+                         schedule);
+    return *w.pending;
+  }
+  int64_t merge_start() { return merge(kMergeStart); }
+  int64_t merge_threshold() { return merge(kMergeThreshold); }
+  int64_t merge_output() { return merge(kMergeOutput); }
+};
+
+template <typename T>
+void run_decode(const AttentionDecodeCall& call, const Tensor& q, unsigned schedule) {
+  Tensor workspace;
+  const DecodeBuffers<typename Scalar<T>::acc> w = decode_buffers<typename Scalar<T>::acc>(call, q, workspace);
+  EmulatedDecodeRunner<T> runner{call.p, w, schedule};
+  ENTMAX_CHECK(attention::run_decode_passes(runner), "emulation: a decode threshold search did not end");
+}
+
+// target_items: the work items that would fill the emulated device (for num_splits = 0).
+std::tuple<Tensor, Tensor> emulated_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& alpha,
+                                           double scale, std::optional<Tensor> alibi_slopes, int64_t window_left,
+                                           int64_t window_right, std::optional<Tensor> seqused_k,
+                                           int64_t num_splits, int64_t target_items, int64_t schedule) {
+  ENTMAX_CHECK(q.is_cpu(), "emulation: CPU tensors");
+  const Geometry g{alibi_slopes, std::nullopt, std::nullopt, seqused_k, window_left, window_right, 0, 0};
+  const AttentionDecodeCall call = prepare_decode(q, k, v, alpha, scale, g, num_splits, target_items);
+  if (call.empty) return std::make_tuple(call.out, call.stats);
+  const unsigned sched = static_cast<unsigned>(schedule);
+  switch (q.scalar_type()) {
+    case ScalarType::Float: run_decode<float>(call, q, sched); break;
+    case ScalarType::Double: run_decode<double>(call, q, sched); break;
+    case ScalarType::Half: run_decode<__half>(call, q, sched); break;
+    case ScalarType::BFloat16: run_decode<__nv_bfloat16>(call, q, sched); break;
+    default: ENTMAX_CHECK(false, "emulation: unsupported dtype");
+  }
+  return std::make_tuple(call.out, call.stats);
+}
+
 }  // namespace
 }  // namespace entmax_cuda
 
@@ -149,9 +205,13 @@ STABLE_TORCH_LIBRARY(entmax_cuda_emulation, m) {
         "Tensor? alibi_slopes=None, int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, "
         "Tensor? cu_seqlens_k=None, Tensor? seqused_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("attention_decode(Tensor q, Tensor k, Tensor v, Tensor alpha, float scale, Tensor? alibi_slopes, "
+        "int window_left, int window_right, Tensor? seqused_k, int num_splits, int target_items, int schedule) "
+        "-> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(entmax_cuda_emulation, CPU, m) {
   m.impl("attention_forward", TORCH_BOX(&entmax_cuda::emulated_forward));
   m.impl("attention_backward", TORCH_BOX(&entmax_cuda::emulated_backward));
+  m.impl("attention_decode", TORCH_BOX(&entmax_cuda::emulated_decode));
 }

@@ -322,6 +322,12 @@ inline void run_cta(int threads, size_t smem_bytes, unsigned block, const std::f
 // The CUDA builtins the kernels call, on the emulated CTA.
 inline void __syncthreads() { entmax_cuda::emulation::cta_barrier(0); }
 inline int __syncthreads_or(int predicate) { return entmax_cuda::emulation::cta_barrier(predicate != 0); }
+// Fibers switch only at collectives, so a plain read-modify-write is atomic here.
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
 inline void __trap() { entmax_cuda::emulation::fail("__trap()"); }
 
 template <typename T>

@@ -2,7 +2,7 @@
 
     PYTHONPATH=tests:tests/cuda_emulation python -m pytest -p route_attention_ops tests/test_attention.py
 
-Replaces entmax_cuda.attention's forward and backward ops, for the whole session, by the CUDA
+Replaces entmax_cuda.attention's forward, backward and decode ops, for the whole session, by the CUDA
 kernels run on the CPU (tests/cuda_emulation), with the path the CUDA op would take on a GPU with
 tensor cores for both half types (ENTMAX_ATTENTION_PATH=simt: SIMT for every dtype), so every CPU
 test of the semantics (masks, causal, GQA, NaN rows, alpha forms, gradcheck, block skipping, ...)
@@ -18,6 +18,9 @@ import tempfile
 import torch
 
 AUTO, SIMT = -1, 0  # the emulator's policy numbers (attention_emulation.cpp)
+# The emulated device's size for the decode op's own choice of splits (num_splits = 0): work
+# items that fill it. Small, so that short caches split too.
+DECODE_TARGET_ITEMS = 16
 
 
 class _EmulatedAttention(torch.autograd.Function):
@@ -54,6 +57,14 @@ def _backward_op(grad_out, q, k, v, alpha, mask, causal, scale, stats, block_map
                                                      alpha_grad, _EmulatedAttention.policy(), 0, *geometry)
 
 
+def emulated_decode_op(ops, schedule=0):
+    """decode_op's signature, computed by the emulated decode kernels."""
+    def decode_op(q, k, v, alpha, scale, alibi_slopes, window_left, window_right, seqused_k, num_splits):
+        return ops.attention_decode(q, k, v, alpha, scale, alibi_slopes, window_left, window_right, seqused_k,
+                                    num_splits, DECODE_TARGET_ITEMS, schedule)
+    return decode_op
+
+
 def pytest_configure(config):
     from entmax_cuda import attention_ops
     from testing import load_attention_emulation
@@ -65,3 +76,4 @@ def pytest_configure(config):
     _EmulatedAttention.ops = ops
     attention_ops.forward_op = _EmulatedAttention.apply
     attention_ops.backward_op = _backward_op
+    attention_ops.decode_op = emulated_decode_op(ops)
