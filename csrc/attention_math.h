@@ -108,6 +108,18 @@ struct RowGeometry {
   }
 };
 
+// Where sequence b of a call lies: batch index rb of the row and key tensors, its first
+// query row q0 and key k0 there, and its lengths. Padded batch (cu_q null): rb = b, q0 =
+// k0 = 0, Lq, and Lk or used_k[b] keys; packed sequences: rb = 0 and the offsets' spans.
+struct SequenceSpan {
+  int64_t rb, q0, Lq, k0, Lk;
+};
+ENTMAX_HD SequenceSpan sequence_span(int64_t b, const int32_t* cu_q, const int32_t* cu_k, const int32_t* used_k,
+                                     int64_t Lq, int64_t Lk) {
+  if (cu_q != nullptr) return SequenceSpan{0, cu_q[b], cu_q[b + 1] - cu_q[b], cu_k[b], cu_k[b + 1] - cu_k[b]};
+  return SequenceSpan{b, 0, Lq, 0, used_k != nullptr ? used_k[b] : Lk};
+}
+
 // ALiBi's bias of key j for row i: -slope |i + diag - j|.
 template <typename T>
 ENTMAX_HD T alibi_bias(T slope, int64_t i, int64_t j, int64_t diag) {

@@ -58,12 +58,9 @@ struct Problem {
   const int32_t* used_k = nullptr;  // padded batch: keys used per entry (B), or none (all Lk)
 
   Seq seq(int64_t b) const {
-    const bool packed = cu_q != nullptr;
-    const int64_t q0 = packed ? cu_q[b] : 0, k0 = packed ? cu_k[b] : 0;
-    const int64_t lq = packed ? cu_q[b + 1] - q0 : Lq;
-    const int64_t lk = packed ? cu_k[b + 1] - k0 : (used_k != nullptr ? used_k[b] : Lk);
-    return Seq{b, packed ? 0 : b, q0, lq, k0, lk, num_tiles(lq, kBlockQ), num_tiles(lk, kBlockK),
-               RowGeometry(lq, lk, causal, left, right)};
+    const SequenceSpan sp = sequence_span(b, cu_q, cu_k, used_k, Lq, Lk);
+    return Seq{b, sp.rb, sp.q0, sp.Lq, sp.k0, sp.Lk, num_tiles(sp.Lq, kBlockQ), num_tiles(sp.Lk, kBlockK),
+               RowGeometry(sp.Lq, sp.Lk, causal, left, right)};
   }
   acc_t alpha_at(const Seq& sq, int64_t h, int64_t i) const {
     return alpha[sq.rb * as0 + h * as1 + (sq.q0 + i) * as2];

@@ -161,16 +161,8 @@ struct Sequence {
 };
 
 __device__ __forceinline__ Sequence sequence_of(const AttentionParams& p, int64_t b) {
-  int64_t q0 = 0, k0 = 0, Lq = p.Lq, Lk = p.Lk;
-  if (p.packed) {
-    q0 = p.cu_q[b];
-    Lq = p.cu_q[b + 1] - q0;
-    k0 = p.cu_k[b];
-    Lk = p.cu_k[b + 1] - k0;
-  } else if (p.used_k != nullptr) {
-    Lk = p.used_k[b];
-  }
-  return Sequence{p.packed ? 0 : b, q0, k0, attention::RowGeometry(Lq, Lk, p.causal, p.window_left, p.window_right)};
+  const attention::SequenceSpan sp = attention::sequence_span(b, p.cu_q, p.cu_k, p.used_k, p.Lq, p.Lk);
+  return Sequence{sp.rb, sp.q0, sp.k0, attention::RowGeometry(sp.Lq, sp.Lk, p.causal, p.window_left, p.window_right)};
 }
 
 // The ALiBi slope of (b, h), 0 without ALiBi.
