@@ -11,6 +11,8 @@ sequences whose lengths are all equal ("equal") or spread ("ragged": uniform in 
                  mask (padded query rows computed and dropped)
   sdpa_padded    F.scaled_dot_product_attention on the same padded batch (softmax: the baseline
                  a softmax model pays)
+  torch_varlen   torch.nn.attention.varlen.varlen_attn on the packed sequences (softmax, causal
+                 as window (-1, 0)), where this torch has it and the device runs it (CUDA)
 decode (one step, forward only): B queries of one token, Hq 32, Hkv 8, D 128, against a cache of
 Lcache keys per entry:
   kvcache        entmax_cuda.entmax_with_kvcache (keys split across work items, the number of
@@ -97,13 +99,32 @@ def varlen_case(entmax_cuda, kind, n, L, H, D, dtype, device, reps):
         out.sum().backward()
         return out
 
+    def run_torch_varlen():
+        from torch.nn.attention.varlen import varlen_attn
+
+        lq, lk, lv, _ = leaves()
+        out = varlen_attn(lq, lk, lv, cu, cu, Lmax, Lmax, window_size=(-1, 0))
+        out.sum().backward()
+        return out
+
     diff = (run_varlen().float() - run_padded().float()).abs().max().item()
     row = {"suite": "varlen", "lengths": kind, "n_seqs": n, "L": L, "tokens": total, "padded_tokens": n * Lmax,
-           "max_diff_varlen_padded": diff}
-    for name, fn in (("varlen", run_varlen), ("padded", run_padded), ("sdpa_padded", lambda: run_padded(True))):
+           "max_diff_varlen_padded": diff, "torch_varlen": None}
+    methods = [("varlen", run_varlen), ("padded", run_padded), ("sdpa_padded", lambda: run_padded(True))]
+    if device.startswith("cuda") and _has_torch_varlen():
+        methods.append(("torch_varlen", run_torch_varlen))
+    for name, fn in methods:
         row[name] = common.time_fn(fn, device, min_reps=reps[0], max_reps=reps[1], budget_s=reps[2])["median_ms"]
     row["padded_over_varlen"] = row["padded"] / row["varlen"]
     return row
+
+
+def _has_torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def decode_case(entmax_cuda, B, Lcache, device, dtype, reps, Hq=32, Hkv=8, D=128):
@@ -144,18 +165,19 @@ def decode_case(entmax_cuda, B, Lcache, device, dtype, reps, Hq=32, Hkv=8, D=128
 
 def table(rows):
     lines = ["| suite | case | varlen / kvcache ms | padded / sdpa ms | padded ÷ varlen, kvcache ÷ sdpa | "
-             "sdpa_padded / tiled ms | max diff |",
-             "|---|---|---|---|---|---|---|"]
+             "sdpa_padded / tiled ms | torch varlen ms | max diff |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["suite"] == "varlen":
             case = f"{r['n_seqs']} × {r['lengths']} ≤ {r['L']} ({r['tokens']} of {r['padded_tokens']} tokens)"
             lines.append(f"| varlen fwd+bwd | {case} | {r['varlen']:.1f} | {r['padded']:.1f} | "
                          f"{r['padded_over_varlen']:.2f} | {r['sdpa_padded']:.1f} | "
+                         f"{'' if r['torch_varlen'] is None else format(r['torch_varlen'], '.1f')} | "
                          f"{r['max_diff_varlen_padded']:.1e} |")
         else:
             case = f"B {r['B']}, Hq {r['Hq']}, Hkv {r['Hkv']}, D {r['D']}, Lcache {r['Lcache']}"
             lines.append(f"| decode fwd | {case} | {r['kvcache']:.2f} | {r['sdpa']:.2f} | "
-                         f"{r['kvcache_over_sdpa']:.2f} | {r['tiled']:.2f} | {r['max_err']:.1e} |")
+                         f"{r['kvcache_over_sdpa']:.2f} | {r['tiled']:.2f} | | {r['max_err']:.1e} |")
     return "\n".join(lines)
 
 
