@@ -219,13 +219,15 @@ ENTMAX_HD void write_decode_stats(T* stats, int64_t row, int64_t Lq, const Decod
 // row; each returns how many rows are left in the threshold phase). Threshold passes run
 // while a row needs one; then the output pass; rows whose output evaluation the finder
 // rejects go back to threshold passes, and the output pass repeats for them. Returns
-// false if the loop outran its bound (each round evaluates every pending row once, and a
-// finder ends within kMaxRootIterations evaluations).
+// false if the loop outran its bound: every pass evaluates at least one of the `rows` rows,
+// and a row's finder ends within kMaxRootIterations evaluations (its output check then
+// accepts at once), so no call needs more than rows * (kMaxRootIterations + 2) passes.
 template <class Runner>
-bool run_decode_passes(Runner& run) {
+bool run_decode_passes(Runner& run, int64_t rows) {
   run.pass(kDecodePass0);
   int64_t pending = run.merge_start();
-  for (int round = 0; round <= 2 * math::kMaxRootIterations + 2; ++round) {
+  const int64_t bound = rows * (math::kMaxRootIterations + 2) + 2;
+  for (int64_t round = 0; round <= bound; ++round) {
     if (pending > 0) {
       run.pass(kDecodeThreshold);
       pending = run.merge_threshold();

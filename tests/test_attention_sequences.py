@@ -538,6 +538,32 @@ def test_split_decode_bad_rows_are_nan_and_others_are_not(kernels):
     _close(out[1:], _full_causal_last_rows(q[1:], k_cache[1:], v_cache[1:], used[1:], 1.5), dtype, "output")
 
 
+def test_split_decode_never_reads_the_cache_past_the_keys_in_use(kernels):
+    """Cache rows past cache_seqlens may hold anything (torch.empty, stale bits): NaN there must not
+    reach the output, whether in keys or values, inside the last loaded tile or beyond it."""
+    dtype = _dtype_for(kernels)
+    q, k_cache, v_cache, used = _decode_case(dtype, B=2, Hq=4, Hkv=2, Lq=2, Lcache=200, used=(40, 130))
+    for b, n in enumerate(used.tolist()):
+        k_cache[b, n:] = float("nan")
+        v_cache[b, n:] = float("inf")
+    out = entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used, alpha=1.5, num_splits=2)
+    assert out.isfinite().all()
+    _close(out, _full_causal_last_rows(q, k_cache, v_cache, used, 1.5), dtype, "output")
+
+
+def test_split_decode_values_outside_the_support_do_not_reach_the_output(kernels):
+    """The decode op adds p v only where p > 0: a NaN value vector at a visible key whose entmax
+    probability is exactly zero leaves the output finite (and equal to the composite)."""
+    dtype = _dtype_for(kernels)
+    q, k_cache, v_cache, used = _decode_case(dtype, B=1, Hq=2, Hkv=1, Lq=1, Lcache=300, used=(300,))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k_cache.double())[0, :, 0]  # (Hq, keys)
+    j = int(scores.sum(0).argmin())  # the lowest-scoring key for both heads: outside a sparse support
+    want = _full_causal_last_rows(q, k_cache, v_cache, used, 2.0)
+    v_cache[0, j] = float("nan")
+    out = entmax_cuda.entmax_with_kvcache(q, k_cache, v_cache, used, alpha=2.0, num_splits=3)
+    _close(out, want, dtype, "output")
+
+
 @pytest.mark.parametrize("num_splits", [-1, 129, 2.0, True])
 def test_split_decode_num_splits_must_be_valid(num_splits):
     q, k_cache, v_cache, used = _decode_case(torch.float32, B=1, used=(5,))

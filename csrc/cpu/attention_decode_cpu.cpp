@@ -193,7 +193,7 @@ std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k
         make_problem<scalar_t, acc_t>(s, q, k, v, alpha, std::nullopt, kCausalLowerRight, scale, g);
     DecodeWork<scalar_t, acc_t> w(P, plan);
     CpuDecodeRunner<scalar_t, acc_t> runner{w, out.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<acc_t>()};
-    ENTMAX_CHECK(run_decode_passes(runner), "attention_decode: a threshold search did not end");
+    ENTMAX_CHECK(run_decode_passes(runner, plan.rows()), "attention_decode: a threshold search did not end");
   });
   return std::make_tuple(out, stats);
 }

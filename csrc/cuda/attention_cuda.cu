@@ -242,7 +242,7 @@ std::tuple<Tensor, Tensor> attention_decode_cuda(const Tensor& q, const Tensor& 
       Tensor workspace;
       const DecodeBuffers<typename Scalar<T>::acc> w = decode_buffers<typename Scalar<T>::acc>(call, q, workspace);
       CudaDecodeRunner<T> runner{call.p, w, stream};
-      ENTMAX_CHECK(attention::run_decode_passes(runner), "attention_decode: a threshold search did not end");
+      ENTMAX_CHECK(attention::run_decode_passes(runner, call.plan.rows()), "attention_decode: a threshold search did not end");
     });
   }
   return std::make_tuple(call.out, call.stats);

@@ -74,8 +74,9 @@ __device__ __forceinline__ T load_element(const void* base, const int64_t (&st)[
   return static_cast<const T*>(base)[b * st[0] + h * st[1] + row * st[2] + col * st[3]];
 }
 
-// Columns [c0, c0 + kDecodeCols) of keys j0.. j0 + 63 of kv head hk (K or V) into dst
-// (zero past the head dim and the cache).
+// Columns [c0, c0 + kDecodeCols) of keys j0.. j0 + 63 of kv head hk (K or V) into dst:
+// zero past the head dim and past the sequence's keys (`rows`: a cache's rows beyond the
+// ones in use may hold anything, NaN included, and are never read).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_keys(acc_t* dst, const void* src, const int64_t (&st)[4], int64_t rb,
                                            int64_t hk, int64_t k0, int64_t j0, int64_t rows, int c0, int width) {
@@ -147,7 +148,7 @@ __device__ void decode_pass(const AttentionParams& p, const DecodeBuffers<typena
     for (int c = 0; c < kDecodeKeysPerThread; ++c) score[c] = acc_t(0);
     for (int c0 = 0; c0 < p.D; c0 += kDecodeCols) {
       __syncthreads();  // the last chunk's readers are done
-      stage_keys<scalar_t>(stage, p.k, p.k_st, sq.rb, hk, sq.k0, j0, p.rows_k, c0, p.D);
+      stage_keys<scalar_t>(stage, p.k, p.k_st, sq.rb, hk, sq.k0, j0, sq.geo.Lk, c0, p.D);
       for (int e = tid; e < kDecodeRows * kDecodeCols; e += kThreads) {
         const int rr = e / kDecodeCols, col = e % kDecodeCols;
         int64_t hr, ir, rowr;
@@ -207,20 +208,23 @@ __device__ void decode_pass(const AttentionParams& p, const DecodeBuffers<typena
     minus_dF += dz;
     if (!output) continue;
     // O += P V over the tile, a column chunk of V at a time: the thread's column cc of
-    // each chunk, rows r0 + kDecodeOutRows * u.
+    // each chunk, rows r0 + kDecodeOutRows * u. Entries with p = 0 are skipped, as the CPU
+    // twin skips them: a value vector outside the support (NaN or inf included) never
+    // reaches the output.
     const int cc = tid % kDecodeCols, r0 = tid / kDecodeCols;
 #pragma unroll
     for (int ch = 0; ch < kDecodeMaxChunks; ++ch) {
       const int c0 = ch * kDecodeCols;
       if (c0 >= p.Dv) break;
       __syncthreads();  // ps written; the last chunk's readers are done
-      stage_keys<scalar_t>(stage, p.v, p.v_st, sq.rb, hk, sq.k0, j0, p.rows_k, c0, p.Dv);
+      stage_keys<scalar_t>(stage, p.v, p.v_st, sq.rb, hk, sq.k0, j0, sq.geo.Lk, c0, p.Dv);
       __syncthreads();
 #pragma unroll
       for (int u = 0; u < kDecodeOutPerChunk; ++u) {
         const acc_t* pr = ps + (r0 + kDecodeOutRows * u) * (kTile + 1);
         acc_t acc = o[ch][u];
-        for (int j = 0; j < kTile; ++j) acc += pr[j] * stage[j * (kDecodeCols + 1) + cc];
+        for (int j = 0; j < kTile; ++j)  // a key outside the support adds nothing, whatever its value
+          acc += pr[j] != acc_t(0) ? pr[j] * stage[j * (kDecodeCols + 1) + cc] : acc_t(0);
         o[ch][u] = acc;
       }
     }

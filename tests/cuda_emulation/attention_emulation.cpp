@@ -167,7 +167,7 @@ void run_decode(const AttentionDecodeCall& call, const Tensor& q, unsigned sched
   Tensor workspace;
   const DecodeBuffers<typename Scalar<T>::acc> w = decode_buffers<typename Scalar<T>::acc>(call, q, workspace);
   EmulatedDecodeRunner<T> runner{call.p, w, schedule};
-  ENTMAX_CHECK(attention::run_decode_passes(runner), "emulation: a decode threshold search did not end");
+  ENTMAX_CHECK(attention::run_decode_passes(runner, call.plan.rows()), "emulation: a decode threshold search did not end");
 }
 
 // target_items: the work items that would fill the emulated device (for num_splits = 0).
