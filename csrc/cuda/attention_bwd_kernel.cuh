@@ -156,7 +156,7 @@ __device__ __forceinline__ void backward_rows_tile(const AttentionParams& p) {
           const acc_t g = backward_entry(row[r], bad[r], S.v[nt][e]).g;
           S.v[nt][e] = g * (dP.v[nt][e] - q_row[r]);
         }
-      gemm.template a_y<kY0>(dQ, S, c0, true);
+      gemm.template a_y<kY0>(dQ, S, c0, true, /*scale_rows=*/true);  // dS: unbounded for alpha > 2
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -238,7 +238,7 @@ __device__ __forceinline__ void backward_keys_tile(const AttentionParams& p) {
           S.v[nt][e] = is_dk ? en.g * (dP.v[nt][e] - cols.q[c]) : en.p_hat;
         }
       // dV += P^T dO, dK += dS^T (scale Q)
-      if (is_dk) gemm.template a_y<kY0>(acc, S, c0, true);
+      if (is_dk) gemm.template a_y<kY0>(acc, S, c0, true, /*scale_rows=*/true);  // dS^T: unbounded for alpha > 2
       else gemm.template a_y<kY1>(acc, S, c0, true);
     }
   }

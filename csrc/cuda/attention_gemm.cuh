@@ -194,8 +194,10 @@ struct SimtGemm {
     }
   }
 
+  // scale_rows: see TcGemm::a_y (A stays in acc_t here: nothing to do).
   template <int SY, int NT>
-  __device__ __forceinline__ void a_y(Frag<acc_t, NT>& acc, const Frag<acc_t, kTileNt>& a, int c0, bool active) {
+  __device__ __forceinline__ void a_y(Frag<acc_t, NT>& acc, const Frag<acc_t, kTileNt>& a, int c0, bool active,
+                                      bool /*scale_rows*/ = false) {
     static_assert(NT * 8 == kChunk, "SIMT a_y produces kChunk columns");
     const FragCoord fc;
     const Slot& Y = slot[SY];
@@ -433,23 +435,50 @@ struct TcGemm {
       for (int e = 0; e < 4; ++e) acc.v[nt][e] *= s;
   }
 
+  // scale_rows: A may exceed the half type's range (the backward's dS: its weights p^(2 - alpha)
+  // are unbounded at the support's edge for alpha > 2, and float16 overflows at 65520). Each
+  // row of A is then packed times a power of two 2^-k that brings its largest entry below 2^15,
+  // and the row of acc is scaled by 2^-k before the products and by 2^k after: exact (powers
+  // of two), and k = 0 (factors 1, the same bits as without) for every row within range.
   template <int SY, int NT>
-  __device__ __forceinline__ void a_y(Frag<float, NT>& acc, const Frag<float, kTileNt>& a, int c0, bool active) {
+  __device__ __forceinline__ void a_y(Frag<float, NT>& acc, const Frag<float, kTileNt>& a, int c0, bool active,
+                                      bool scale_rows = false) {
     static_assert(NT * 8 == kChunk, "a_y produces kChunk columns");
     if (!active) return;
     const FragCoord fc;
     const Slot& Y = slot[SY];
     const float s = Y.scale;
+    int shift = 0;  // k of row g in bits 0-7, of row g + 8 in bits 8-15 (one register across the products)
+    if (scale_rows) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float m = 0.f;  // the row's largest |A s| (rows g and g + 8: elements 2r, 2r + 1), over the quad
+#pragma unroll
+        for (int nt = 0; nt < kTileNt; ++nt) m = fmaxf(m, fmaxf(fabsf(a.v[nt][2 * r]), fabsf(a.v[nt][2 * r + 1])));
+        m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 2));
+        m *= fabsf(s);
+        int e = 0;
+        if (m < INFINITY) frexpf(m, &e);  // m < 2^e (NaN and inf rows stay as they are)
+        shift |= (e > 15 ? e - 15 : 0) << (8 * r);
+      }
+      if (shift != 0)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc.v[nt][e] = ldexpf(acc.v[nt][e], -((shift >> (4 * (e & 2))) & 255));
+    }
     const int l = fc.lane;
     // ldmatrix.trans lane addresses: k rows by lanes (0-7, 8-15) and (16-23, 24-31), n halves by lane / 16
     const scalar_t* b_ptr = Y.smem + ((l & 7) + ((l >> 3) & 1) * 8) * Y.ld + c0 + (l >> 4) * 8;
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       uint32_t af[4];
-      af[0] = pack2<scalar_t>(a.v[2 * kk][0] * s, a.v[2 * kk][1] * s);
-      af[1] = pack2<scalar_t>(a.v[2 * kk][2] * s, a.v[2 * kk][3] * s);
-      af[2] = pack2<scalar_t>(a.v[2 * kk + 1][0] * s, a.v[2 * kk + 1][1] * s);
-      af[3] = pack2<scalar_t>(a.v[2 * kk + 1][2] * s, a.v[2 * kk + 1][3] * s);
+      const float s0 = ldexpf(s, -(shift & 255)), s1 = ldexpf(s, -(shift >> 8));  // s when shift = 0
+      af[0] = pack2<scalar_t>(a.v[2 * kk][0] * s0, a.v[2 * kk][1] * s0);
+      af[1] = pack2<scalar_t>(a.v[2 * kk][2] * s1, a.v[2 * kk][3] * s1);
+      af[2] = pack2<scalar_t>(a.v[2 * kk + 1][0] * s0, a.v[2 * kk + 1][1] * s0);
+      af[3] = pack2<scalar_t>(a.v[2 * kk + 1][2] * s1, a.v[2 * kk + 1][3] * s1);
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
@@ -457,6 +486,12 @@ struct TcGemm {
         mma_16816<scalar_t>(acc.v[2 * np], af, b[0], b[1]);
         mma_16816<scalar_t>(acc.v[2 * np + 1], af, b[2], b[3]);
       }
+    }
+    if (shift != 0) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc.v[nt][e] = ldexpf(acc.v[nt][e], (shift >> (4 * (e & 2))) & 255);
     }
   }
 };
