@@ -240,3 +240,33 @@ def test_cuda_forward_and_backward_do_not_synchronize_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert alpha.grad is not None
+
+
+@requires_cuda
+def test_cuda_launches_from_several_threads_with_different_shared_memory():
+    """Host threads launching the attention with different head dims at once (so different shared-memory
+    sizes, above 48 KB for the wider ones) all succeed and agree with single-threaded results: the
+    kernels' shared-memory limit is raised once per kernel and device, never lowered under a launch."""
+    import threading
+
+    cases = [torch.randn(1, 2, 200, d, device="cuda", dtype=torch.float16) for d in (32, 128, 256)]
+    want = [entmax_cuda.scaled_dot_product_entmax(x, x, x, 1.5) for x in cases]
+    torch.cuda.synchronize()
+    errors = []
+
+    def work(i):
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for _ in range(20):
+                    got = entmax_cuda.scaled_dot_product_entmax(cases[i], cases[i], cases[i], 1.5)
+                torch.cuda.synchronize()
+                assert torch.equal(got, want[i])
+        except Exception as e:  # noqa: BLE001  (reported below, with the thread's case)
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=work, args=(i % 3,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -7,6 +7,7 @@
 #include "attention_bwd_kernel.cuh"
 #include "attention_decode_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
+#include "dynamic_smem.cuh"
 
 #include <cuda_runtime.h>
 
@@ -21,9 +22,11 @@ size_t keys_smem_bytes(const AttentionParams& p) { return KeysSmem<Gemm>(p.D, p.
 
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, int64_t grid, size_t smem, cudaStream_t stream, const AttentionParams& p) {
-  // The opt-in limit is per kernel; above 48 KiB it must be raised before the launch.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
+  // Above 48 KiB the kernel's limit must be raised first (once per kernel and device: dynamic_smem.cuh).
+  if (smem > 48 * 1024) {
+    const cudaError_t err = allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
+    if (err != cudaSuccess) return err;
+  }
   kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -4,6 +4,7 @@
 
 #include "../entmax_ops.h"
 #include "../entmax_rows.h"
+#include "dynamic_smem.cuh"
 
 #include <cuda_runtime.h>
 
@@ -86,13 +87,13 @@ const DeviceInfo& device_info(int device) {
 
 int64_t grid_for(int64_t blocks) { return std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxGridBlocks); }
 
-// Raises `kernel`'s dynamic shared memory limit to `smem` bytes where the default 48 KB
-// is not enough (a function attribute of the current device: set before each such launch).
+// Lets `kernel` take `smem` bytes of dynamic shared memory where the default 48 KB is not
+// enough (dynamic_smem.cuh: the limit is raised once per kernel and device).
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, int smem) {
   constexpr int kDefaultDynamicSmem = 48 * 1024;
   if (smem <= kDefaultDynamicSmem) return;
-  ENTMAX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+  ENTMAX_CUDA_CHECK(allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel)),
                     "cudaFuncSetAttribute(dynamic shared memory)");
 }
 
