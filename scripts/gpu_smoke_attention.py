@@ -61,12 +61,11 @@ def _rel(got, want):
     return float("nan") if new_nan else (diff / scale).item()
 
 
-def run_case(case):
+def _inputs(case):
+    """q, k, v, alpha rows of a case, its dtype and the generator that made them (for more)."""
     import torch
 
-    from entmax_cuda import attention_ops
-
-    dtype_name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_mask = case
+    dtype_name, B, Hq, Hkv, Lq, Lk, D, Dv = case[:8]
     dtype = getattr(torch, dtype_name)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -74,6 +73,16 @@ def run_case(case):
     k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64).to(dtype)
     v = torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=torch.float64).to(dtype)
     alpha = (1 + torch.rand(B, Hq, Lq, generator=g, dtype=torch.float64)).to(acc)
+    return q, k, v, alpha, dtype, g
+
+
+def run_case(case):
+    import torch
+
+    from entmax_cuda import attention_ops
+
+    _, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_mask = case
+    q, k, v, alpha, dtype, g = _inputs(case)
     grad_out = torch.randn(B, Hq, Lq, Dv, generator=g, dtype=torch.float64).to(dtype)
     mask = (torch.rand(B, 1, 1, Lk, generator=g) > 0.2).expand(B, Hq, Lq, Lk) if key_mask else None
     scale = D ** -0.5
@@ -104,14 +113,8 @@ def run_decode_case(case):
 
     from entmax_cuda import attention_ops
 
-    dtype_name, B, Hq, Hkv, Lq, Lk, D, Dv, num_splits, _ = case
-    dtype = getattr(torch, dtype_name)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    g = torch.Generator().manual_seed(0)
-    q = (torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64) * 1.5).to(dtype)
-    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=torch.float64).to(dtype)
-    alpha = (1 + torch.rand(B, Hq, Lq, generator=g, dtype=torch.float64)).to(acc)
+    _, B, Hq, Hkv, Lq, Lk, D, Dv, num_splits, _ = case
+    q, k, v, alpha, _, g = _inputs(case)
     used = torch.randint(Lk // 2, Lk + 1, (B,), generator=g, dtype=torch.int32)
 
     def results(device):
