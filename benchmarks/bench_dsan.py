@@ -68,12 +68,9 @@ RR_SESSION_LENGTHS = {
 
 
 def default_data_dir():
-    for candidate in (common.REPO_ROOT.parent / "shared" / "data" / "retailrocket",
-                      common.REPO_ROOT / "shared" / "data" / "retailrocket",
-                      Path("/work/shared/data/retailrocket")):
-        if (candidate / "train.txt").is_file():
-            return candidate
-    return None
+    """../shared/data/retailrocket beside the checkout, if it holds the data."""
+    candidate = common.REPO_ROOT.parent / "shared" / "data" / "retailrocket"
+    return candidate if (candidate / "train.txt").is_file() else None
 
 
 def synthetic_sessions(seed):
