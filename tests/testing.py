@@ -151,6 +151,15 @@ def cuda_include_dir():
 _EMULATION_LOADED = []  # the emulation's library, once loaded in this process
 
 
+def _cpu_has_fma() -> bool:
+    """Whether this x86-64 CPU has FMA3 (Linux: /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " fma " in f" {line.split(':', 1)[-1].strip()} " for line in f)
+    except OSError:
+        return False
+
+
 def load_attention_emulation(build_dir):
     """Builds tests/cuda_emulation (the CUDA attention kernels on the CPU) into build_dir with the C++
     compiler ($CXX, else c++; no ninja needed) and returns its ops, torch.ops.entmax_cuda_emulation.
@@ -170,7 +179,12 @@ def load_attention_emulation(build_dir):
         return None
     library = Path(build_dir) / "entmax_attention_emulation.so"
     libs = cpp_extension.library_paths()
-    command = [compiler, "-shared", "-fPIC", "-O1", "-std=c++17", "-Wno-unknown-pragmas",
+    # Fused multiply-adds where the CPU has them, contracted wherever the compiler can, as nvcc does
+    # (--fmad=true): the kernels' assumption that a score recomputed in a later pass has the same
+    # bits then holds only if the source computes it the same way everywhere, as on a GPU.
+    # (GCC forms FMAs from -O2, or at -O1 with -fexpensive-optimizations.)
+    fma = ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"] if _cpu_has_fma() else []
+    command = [compiler, "-shared", "-fPIC", "-O1", "-std=c++17", "-Wno-unknown-pragmas", *fma,
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{include}",
                *(f"-I{p}" for p in cpp_extension.include_paths()),
                str(REPO_ROOT / "tests" / "cuda_emulation" / "attention_emulation.cpp"), "-o", str(library),
