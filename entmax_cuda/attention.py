@@ -304,7 +304,8 @@ class EntmaxAttention(nn.Module):
     """Scaled-dot-product alpha-entmax attention with a learnable alpha per head.
 
     alpha = 1 + sigmoid(a) in (1, 2), one per head, parametrised (and initialised) as in
-    AdaptiveEntmax. forward(q, k, v) takes heads already split, as
+    AdaptiveEntmax; learn_alpha=False keeps alpha_init fixed instead, any alpha >= 1 (1 is
+    softmax attention). alpha() gives the current alpha per head. forward(q, k, v) takes heads already split, as
     scaled_dot_product_entmax: q (..., n_heads, Lq, E), k/v (..., Hkv, Lk, E) with
     n_heads a multiple of Hkv (grouped-query attention is inferred).
     key_padding_mask: (..., Lk) over q's batch dimensions, bool with True = a real key

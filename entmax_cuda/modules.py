@@ -19,30 +19,59 @@ class AdaptiveEntmax(nn.Module):
     n_heads=None learns one alpha; n_heads=H learns one per head, for scores shaped
     (..., H, q, k) (the head axis is `head_dim`, -3 by default). Calling it with
     `alpha=` uses that alpha instead (input-dependent alpha, as in DSAN).
+    learn_alpha=True: alpha_init in (1, 2), the parameter `alpha_logit` = a.
+    learn_alpha=False: alpha stays alpha_init, any float >= 1 (1 is softmax, 2 sparsemax),
+    held exactly in the buffer `alpha_fixed` (in the state dict, not a parameter).
+    Casting the module to float16/bfloat16 (model.half(), .to(torch.bfloat16)) keeps alpha's
+    tensor in float32, so alpha keeps its precision; alpha() is float32 (float64 after .double()).
     """
 
     def __init__(self, dim: int = -1, n_heads: int | None = None, alpha_init: float = 1.5,
                  head_dim: int = -3, learn_alpha: bool = True):
         super().__init__()
-        if not 1.0 < alpha_init < 2.0:
-            raise ValueError(f"AdaptiveEntmax: alpha_init must lie in (1, 2), got {alpha_init}")
-        if n_heads is not None and n_heads < 1:
-            raise ValueError(f"AdaptiveEntmax: n_heads must be positive, got {n_heads}")
+        if not isinstance(learn_alpha, bool):
+            raise TypeError(f"AdaptiveEntmax: learn_alpha must be a bool, got {type(learn_alpha).__name__}")
+        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)):
+            raise TypeError(f"AdaptiveEntmax: alpha_init must be a float, got {type(alpha_init).__name__}")
+        if learn_alpha and not 1.0 < alpha_init < 2.0:
+            raise ValueError(
+                f"AdaptiveEntmax: a learned alpha = 1 + sigmoid(a) lies in (1, 2), so alpha_init must too, got "
+                f"{alpha_init} (learn_alpha=False keeps any alpha >= 1 fixed)"
+            )
+        if not learn_alpha and not (math.isfinite(alpha_init) and alpha_init >= 1.0):
+            raise ValueError(f"AdaptiveEntmax: a fixed alpha must be a finite float >= 1, got {alpha_init}")
+        if n_heads is not None and (isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1):
+            raise ValueError(f"AdaptiveEntmax: n_heads must be a positive integer, got {n_heads!r}")
         if n_heads is not None and head_dim >= 0:
             raise ValueError("AdaptiveEntmax: head_dim must be negative (counted from the end)")
         self.dim = dim
         self.n_heads = n_heads
         self.head_dim = head_dim
-        logit = math.log((alpha_init - 1.0) / (2.0 - alpha_init))
-        a = torch.full((n_heads if n_heads is not None else 1,), logit)
+        self.learn_alpha = learn_alpha
+        size = n_heads if n_heads is not None else 1
         if learn_alpha:
-            self.alpha_logit = nn.Parameter(a)
+            logit = math.log((alpha_init - 1.0) / (2.0 - alpha_init))
+            self.alpha_logit = nn.Parameter(torch.full((size,), logit))
         else:
-            self.register_buffer("alpha_logit", a)
+            self.register_buffer("alpha_fixed", torch.full((size,), float(alpha_init)))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() would round alpha (a fixed 1.003 to exactly 1, softmax):
+        # casts to a dtype narrower than float32 move alpha's tensor but keep its precision.
+        def keep_precision(t):
+            out = fn(t)
+            if out.is_floating_point() and torch.finfo(out.dtype).bits < 32 and t.is_floating_point():
+                return t.to(device=out.device, dtype=torch.promote_types(t.dtype, torch.float32))
+            return out
+
+        return super()._apply(keep_precision, recurse)
 
     def alpha(self) -> torch.Tensor:
-        """The current alpha: shape (H,) per head, or (1,)."""
-        return 1.0 + torch.sigmoid(self.alpha_logit)
+        """The current alpha: shape (H,) per head, or (1,); float32 (float64 if the module is)."""
+        if not self.learn_alpha:
+            return self.alpha_fixed.to(torch.promote_types(self.alpha_fixed.dtype, torch.float32))
+        a = self.alpha_logit
+        return 1.0 + torch.sigmoid(a.to(torch.promote_types(a.dtype, torch.float32)))
 
     def _alpha_for(self, scores: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha().to(scores.device)
@@ -61,7 +90,7 @@ class AdaptiveEntmax(nn.Module):
         return entmax(scores, self._alpha_for(scores) if alpha is None else alpha, self.dim)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, n_heads={self.n_heads}"
+        return f"dim={self.dim}, n_heads={self.n_heads}, learn_alpha={self.learn_alpha}"
 
 
 class Sparsemax(nn.Module):

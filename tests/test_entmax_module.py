@@ -116,11 +116,38 @@ def test_state_dict_round_trip_restores_alpha_and_outputs(device):
         AdaptiveEntmax(n_heads=2).load_state_dict(source.state_dict())
 
 
-def test_fixed_alpha_is_a_buffer_in_the_state_dict():
+def test_fixed_alpha_is_held_exactly_in_a_buffer_of_the_state_dict():
     module = AdaptiveEntmax(n_heads=2, alpha_init=1.2, learn_alpha=False)
     assert list(module.parameters()) == []
-    assert "alpha_logit" in module.state_dict()
-    torch.testing.assert_close(module.alpha(), torch.full((2,), 1.2), rtol=0, atol=1e-6)
+    assert list(module.state_dict()) == ["alpha_fixed"]
+    assert torch.equal(module.alpha(), torch.full((2,), 1.2))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 3.5])
+def test_a_fixed_alpha_may_be_any_alpha_of_at_least_one(alpha):
+    scores = torch.randn(2, 3, 5, 9, dtype=torch.float64)
+    module = AdaptiveEntmax(n_heads=3, alpha_init=alpha, learn_alpha=False).double()
+    want = torch.softmax(scores, -1) if alpha == 1.0 else entmax_cuda.entmax(scores, alpha, -1)
+    torch.testing.assert_close(module(scores), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha_init, learn_alpha", [(1.0, True), (2.0, True), (0.9, False), (float("nan"), False),
+                                                     (float("inf"), False)])
+def test_alpha_init_outside_the_range_of_its_parametrisation_is_refused(alpha_init, learn_alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        AdaptiveEntmax(alpha_init=alpha_init, learn_alpha=learn_alpha)
+
+
+def test_alpha_keeps_its_precision_when_the_module_is_cast_to_half_types():
+    learned = AdaptiveEntmax(n_heads=2, alpha_init=1.003)
+    fixed = AdaptiveEntmax(n_heads=2, alpha_init=1.003, learn_alpha=False)
+    want_learned, want_fixed = learned.alpha(), fixed.alpha()
+    for dtype in (torch.bfloat16, torch.float16):
+        for module, want in ((learned, want_learned), (fixed, want_fixed)):
+            module.to(dtype)
+            assert module.alpha().dtype == torch.float32 and torch.equal(module.alpha(), want)
+    assert isinstance(learned.alpha_logit, torch.nn.Parameter)
+    assert learned.double().alpha().dtype == torch.float64  # widening casts apply
 
 
 def test_module_moves_with_to_and_keeps_the_dtype_of_scores(device):
