@@ -358,13 +358,13 @@ def test_import_entmax_cuda_needs_none_of_the_dsan_extras(tmp_path):
     assert result.stdout.strip() == "ok"
 
 
-def test_package_requires_only_torch_and_numpy_and_dsan_extras_are_optional():
+def test_package_requires_only_torch_and_numpy_and_the_extras_are_optional():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     assert project["dependencies"] == ["torch>=2.10", "numpy"]
     extras = project["optional-dependencies"]
     assert set(extras["dsan"]) == {"pyyaml", "tqdm", "matplotlib"}
-    assert {"pytest", "entmax==1.3", "entmax-cuda[dsan]"} <= set(extras["test"])
+    assert {"pytest", "entmax==1.3", "entmax-cuda[dsan,hf]"} <= set(extras["test"])
     assert project["scripts"]["dsan"] == "dsan.__main__:run"
 
 
