@@ -9,7 +9,9 @@
 #   info             python -m entmax_cuda.info
 #   attention-smoke  each CUDA attention path and dtype, and the decode op, against the CPU kernels, one line
 #                    per case
-#   tests-cuda       pytest -m cuda over the whole suite (JUnit XML beside the log)
+#   tests-cuda       pytest -m cuda over the whole suite (JUnit XML beside the log; the transformers
+#                    integration's tests need transformers importable: WHEELS can bring it)
+#   example-sparse-lm  examples/sparse_lm.py on CUDA, 200 steps (both attentions; plots in the tarball)
 #   bench-entmax     bench_entmax.py's 6 shapes x alpha 1.5, rand: fused, fused_xgrad, softmax,
 #                    AdaSplash triton_entmax; copy bandwidth; before/after against the H200 run of
 #                    07d9ecb (benchmarks/compare.py) and the operator's speed targets (benchmarks/targets.py)
@@ -99,6 +101,7 @@ if [ "$built" = 1 ]; then
   step tests-cuda 240 $PY -P -m pytest -q -m cuda -p no:cacheprovider -rf --durations=15 tests \
     --junitxml="$RUN/tests-cuda.xml"
   grep -E "passed|failed" "$RUN/tests-cuda.log" | tail -n 1 >>"$OUT/summary.txt"
+  step example-sparse-lm 60 $PY -P examples/sparse_lm.py --device cuda --steps 200 --out "$RUN/sparse_lm"
   if [ "${BENCH:-1}" != 0 ]; then
     step bench-entmax 120 $PY -P benchmarks/bench_entmax.py --device cuda --alphas 1.5,rand \
       --methods fused,fused_xgrad,softmax,triton_entmax --min-reps 5 --budget-s 0.1 --out "$RUN"
