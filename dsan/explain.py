@@ -28,6 +28,15 @@ def session_attention(model, items, lengths, attention: str) -> dict:
     return panel
 
 
+def weight_scale(weights: np.ndarray) -> tuple[float, float]:
+    """A panel's colour scale (log): from its smallest non-zero weight to 1, so the structure
+    among the non-zero weights shows over every decade they span, while nearly equal weights
+    keep nearly equal colours; exact zeros are drawn apart (grey)."""
+    nonzero = weights[weights > 0]
+    low = float(nonzero.min()) if nonzero.size else 1e-6
+    return (0.1, 1.0) if low >= 1.0 else (low, 1.0)
+
+
 def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, attention=None,
             compare_with: str | None = None, protocol=None) -> dict:
     """Draws the figure for test sample `test_index` (prefix-expanded test set order; default:
@@ -59,20 +68,24 @@ def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, att
     labels = [str(i) for i in session] + ["target"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), height_ratios=[4, 1], layout="constrained")
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # masked = exact zero
+    scales = {}
     for column, (name, weights) in enumerate(panels.items()):
         alphas = "alpha_self" in weights
         self_weights, target_weights = weights["self_weights"], weights["target_weights"][None, :]
         ax = axes[0, column]
-        image = ax.imshow(np.ma.masked_equal(self_weights, 0.0), cmap=cmap, vmin=0, vmax=1)
+        scales[name] = {"self": weight_scale(self_weights), "target": weight_scale(target_weights)}
+        image = ax.imshow(np.ma.masked_equal(self_weights, 0.0), cmap=cmap,
+                          norm=matplotlib.colors.LogNorm(*scales[name]["self"]))
         ax.set_title(f"self-attention, {name}" + (f" (α₁ = {float(weights['alpha_self']):.4f})" if alphas else "")
                      + f"\n{int((self_weights == 0).sum())} of {self_weights.size} weights exactly zero (grey)")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("key (item id, click order)")
         ax.set_ylabel("query (item id, click order)")
-        fig.colorbar(image, ax=ax, fraction=0.046, label="weight")
+        fig.colorbar(image, ax=ax, fraction=0.046, label="weight (log scale)")
         ax = axes[1, column]
-        image = ax.imshow(np.ma.masked_equal(target_weights, 0.0), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        image = ax.imshow(np.ma.masked_equal(target_weights, 0.0), cmap=cmap, aspect="auto",
+                          norm=matplotlib.colors.LogNorm(*scales[name]["target"]))
         ax.set_title(f"target attention, {name}"
                      + (f" (α₂ = {float(weights['alpha_target']):.4f})" if alphas else "")
                      + f"\n{int((target_weights == 0).sum())} of {target_weights.size} weights exactly zero (grey)")
@@ -80,7 +93,7 @@ def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, att
         ax.set_yticks([0], ["β"])
         ax.set_xlabel("item (id, click order)")
         ax.set_ylabel("weight of each item")
-        fig.colorbar(image, ax=ax, fraction=0.046, label="weight")
+        fig.colorbar(image, ax=ax, fraction=0.046, label="weight (log scale)")
     fig.suptitle(f"test sample {test_index}: a session of {len(session)} clicks, "
                  f"next item {data.original_id(int(target[0]))}")
     out_path = Path(out_path)
@@ -93,6 +106,7 @@ def explain(run_dir, out_path, test_index: int | None = None, data_dir=None, att
             "target": data.original_id(int(target[0])),
             "panels": {name: {**({"alpha_self": float(w["alpha_self"]), "alpha_target": float(w["alpha_target"])}
                                  if "alpha_self" in w else {}),
+                              "scale": scales[name],
                               "self_zeros": int((w["self_weights"] == 0).sum()),
                               "target_zeros": int((w["target_weights"] == 0).sum())}
                        for name, w in panels.items()}}

@@ -6,6 +6,10 @@ variants are marked `cuda`, so a GPU machine selects them with `-m cuda`).
 Hypothesis profiles of the property tests (test_entmax_properties.py): "short" (the default:
 derandomized, a fixed number of examples per test, a couple of minutes for the module) and
 "long" (thousands of random examples per test), chosen with ENTMAX_HYPOTHESIS_PROFILE=long.
+
+`slow` marks what takes long on a 2-core machine: the demo, torch.compile, torchrun, the
+example's training, and every test that builds or runs the CUDA emulation (marked here, by
+its fixture), so `pytest -m "not slow"` is the quick everyday run; `pytest -q` runs them all.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import pytest
 import torch
 
-from testing import DEVICES, load_attention_emulation
+from testing import DEVICES, load_attention_emulation, make_tiny_synthetic
 
 try:
     from hypothesis import HealthCheck, settings
@@ -40,9 +44,21 @@ def emulation(tmp_path_factory):
     return ops
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "emulation" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Tiny synthetic session data (dsan's text format), one copy per test module."""
+    return make_tiny_synthetic(tmp_path_factory.mktemp("dsan-data"))
 
 
 @pytest.fixture(autouse=True)

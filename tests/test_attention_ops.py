@@ -138,6 +138,7 @@ class _Block(torch.nn.Module):
 
 @torch._inductor.config.patch(fx_graph_cache=False)  # compile afresh: a cached graph would not test the fake kernels
 @torch._functorch.config.patch(enable_autograd_cache=False)
+@pytest.mark.slow
 def test_torch_compile_fullgraph_of_a_transformer_block_matches_eager(device):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -158,6 +159,7 @@ def test_torch_compile_fullgraph_of_a_transformer_block_matches_eager(device):
     assert grads_eager[alpha_index].ne(0).all() and grads_compiled[alpha_index].ne(0).all()
 
 
+@pytest.mark.slow
 def test_torch_compile_sees_no_graph_break(device):
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 2, 9, 8, device=device) for _ in range(3))
@@ -194,6 +196,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_cpu_memory_at_32k_tokens_stays_far_below_one_score_matrix():
     """Forward and backward at Lq = Lk = 32768, E = 64 in a fresh process: its peak RSS grows by

@@ -328,6 +328,7 @@ def test_varlen_alpha_per_sequence_when_total_equals_the_sequence_count():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_varlen_compiles_with_fullgraph():
     H, D = 2, 8
     q, k, v = _packed(SEQ_Q, H, D, torch.float32), _packed(SEQ_K, H, D, torch.float32), _packed(SEQ_K, H, D,
@@ -341,6 +342,7 @@ def test_varlen_compiles_with_fullgraph():
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_kvcache_and_windowed_attention_compile_with_fullgraph():
     """A decode step (cache write included) and a module with ALiBi and a window, under torch.compile."""
     B, H, D, L = 2, 2, 8, 40

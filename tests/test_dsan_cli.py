@@ -35,11 +35,6 @@ def fails(argv, capsys, message) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_tiny_synthetic(tmp_path_factory.mktemp("dsan-cli-data"))
-
-
-@pytest.fixture(scope="module")
 def run_dir(data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("dsan-cli-run") / "run"
     train_tiny(data_dir, run, epochs=1)
@@ -87,6 +82,7 @@ def test_every_option_of_every_command_has_help_with_its_default_or_says_require
 # ---------------------------------------------------------------- demo
 
 
+@pytest.mark.slow
 def test_demo_prepares_trains_evaluates_and_draws(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1", "--sessions", "500", "--items", "100",
@@ -97,6 +93,7 @@ def test_demo_prepares_trains_evaluates_and_draws(tmp_path, capsys):
     assert json.loads((out / "run" / "test_metrics.json").read_text())["test"]["samples"] > 0
 
 
+@pytest.mark.slow
 def test_demo_without_the_kernels_fails_clearly_instead_of_falling_back(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "entmax_cuda", None)  # import entmax_cuda now raises ImportError
     fails(["demo", "--out", str(tmp_path / "demo")], capsys, "--attention adaptive-entmax needs the compiled "

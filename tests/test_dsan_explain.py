@@ -1,11 +1,12 @@
 import json
 
+import numpy as np
 import pytest
 
 from testing import make_tiny_synthetic, train_tiny
 from dsan.cli import main
 from dsan.data import SessionData
-from dsan.explain import explain
+from dsan.explain import explain, weight_scale
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,16 @@ def test_explain_writes_a_png_with_both_normalisers(entmax_run, tmp_path):
     assert 1 < panels["entmax-reference"]["alpha_self"] < 2
     assert "alpha_self" not in panels["softmax"] and "alpha_target" not in panels["softmax"]  # softmax has no alpha
     assert panels["softmax"]["self_zeros"] == 0 and panels["softmax"]["target_zeros"] == 0
+
+
+def test_each_panel_is_coloured_from_its_smallest_non_zero_weight(entmax_run, tmp_path):
+    assert weight_scale(np.array([[0.0, 0.2, 0.7], [0.1, 0.0, 0.0]])) == (0.1, 1.0)
+    assert weight_scale(np.array([0.0, 1.0, 0.0])) == (0.1, 1.0)  # one weight of 1: a decade below it
+    assert weight_scale(np.zeros(3)) == (1e-6, 1.0)
+    result = explain(entmax_run, test_index=3, out_path=tmp_path / "fig.png")
+    for panel in result["panels"].values():
+        for low, high in panel["scale"].values():
+            assert 0 < low < high == 1
 
 
 def test_explain_shows_the_longest_test_prefix_by_default(entmax_run, tmp_path, capsys):

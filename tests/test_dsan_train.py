@@ -7,15 +7,10 @@ import pytest
 import torch
 import yaml
 
-from testing import TINY_TRAINING, make_tiny_synthetic, subprocess_env, tiny_config, train_tiny
+from testing import TINY_TRAINING, subprocess_env, tiny_config, train_tiny
 from dsan.checkpoint import load_checkpoint
 from dsan.cli import main
 from dsan.train import RunError, train
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_tiny_synthetic(tmp_path_factory.mktemp("dsan-data"))
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +103,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_under_torchrun_match_single_process_evaluation(data_dir, tmp_path):
     run = tmp_path / "ddp"
     env = subprocess_env()

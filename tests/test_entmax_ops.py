@@ -86,6 +86,7 @@ class _HeadAttention(torch.nn.Module):
         return entmax_cuda.entmax(scores, alpha, dim=-1) @ v
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager(device):
     torch._dynamo.reset()
     model = _HeadAttention(heads=3).to(device)
@@ -102,6 +103,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(got, want, rtol=GRAD_RTOL[torch.float32], atol=ATOL[torch.float32])
 
 
+@pytest.mark.slow
 def test_torch_compile_sees_no_graph_break(device):
     torch._dynamo.reset()
     x = torch.randn(4, 6, device=device)

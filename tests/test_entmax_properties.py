@@ -586,6 +586,7 @@ def test_constant_rows_have_zero_alpha_gradient(path, dtype, n, value, alpha, dy
 
 # ------------------------------------------------------------------------------- portable path
 
+@pytest.mark.slow
 @pytest.mark.skipif(PORTABLE, reason="already the portable run")
 @pytest.mark.parametrize("module", ["test_entmax_properties.py", "test_entmax_regressions.py"])
 def test_portable_path_passes_the_fused_properties(module, tmp_path):

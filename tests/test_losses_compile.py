@@ -15,6 +15,8 @@ import torch
 import entmax_cuda
 from testing import ATOL, GRAD_RTOL
 
+pytestmark = pytest.mark.slow  # torch.compile
+
 MODULES = {
     "SparsemaxLoss": lambda **kw: entmax_cuda.SparsemaxLoss(**kw),
     "Entmax15Loss": lambda **kw: entmax_cuda.Entmax15Loss(**kw),

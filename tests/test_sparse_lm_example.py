@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (the dsan extra)")
+pytestmark = pytest.mark.slow  # trains (tiny) models on the standard library
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sparse_lm.py"
 TINY = ["--steps", "4", "--batch", "2", "--context", "24", "--layers", "2", "--heads", "2", "--width", "16",
