@@ -32,14 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prepare = _command(commands, "prepare", "raw logs -> session text (train.txt, test.txt, stats.json)")
-    prepare.add_argument("dataset", choices=["diginetica", "retailrocket", "synthetic"], help="the raw format")
+    prepare.add_argument("dataset", choices=["diginetica", "retailrocket", "srgnn", "synthetic"],
+                         help="the raw format (srgnn: a folder of SR-GNN-format pickles)")
     prepare.add_argument("--raw", metavar="FILE",
-                         help="REQUIRED for diginetica (train-item-views.csv) and retailrocket (events.csv, or the "
-                              "sessionized TSV sample); not used for synthetic")
+                         help="REQUIRED for diginetica (train-item-views.csv), retailrocket (events.csv, or the "
+                              "sessionized TSV sample) and srgnn (the folder with test.txt and train.txt or "
+                              "all_train_seq.txt); not used for synthetic")
     prepare.add_argument("--out", required=True, metavar="DIR", help="output data folder (required)")
-    prepare.add_argument("--protocol", choices=PROTOCOL_NAMES, default=DEFAULT_PROTOCOL,
+    prepare.add_argument("--protocol", choices=PROTOCOL_NAMES, default=None,
                          help="dsan: sessions >= 3 clicks, inputs >= 2 clicks (the paper); srgnn: >= 2 and >= 1 "
-                              "(default: %(default)s)")
+                              f"(default: {DEFAULT_PROTOCOL}; srgnn for the srgnn format)")
     prepare.add_argument("--unsorted", action="store_true",
                          help="diginetica: keep the file's order inside sessions, which the paper's camera-ready "
                               "numbers used (wrong; for comparison only) (default: sorted by eventdate, timeframe)")

@@ -125,9 +125,10 @@ def write_dataset(out_dir, train, test, protocol: Protocol, source: dict, info: 
         "test": {"sessions": len(test), "clicks": sum(map(len, test)),
                  "samples": count_prefix_samples(test, protocol.min_prefix),
                  "longest_session": max(map(len, test))},
-        "date_range": {k: info[k] for k in ("first_click_end", "last_click_end", "test_from")},
         "source": source,
     }
+    if "test_from" in info:  # raw logs: the time split
+        stats["date_range"] = {k: info[k] for k in ("first_click_end", "last_click_end", "test_from")}
     try:
         write_atomically({
             out_dir / "train.txt": "".join(" ".join(map(str, s)) + "\n" for s in train),
@@ -296,10 +297,14 @@ def generate_synthetic(n_items: int = SYNTHETIC_ITEMS, n_sessions: int = SYNTHET
     return sessions
 
 
-def prepare(dataset: str, out_dir, raw=None, protocol: str = DEFAULT_PROTOCOL,
+def prepare(dataset: str, out_dir, raw=None, protocol: str | None = None,
             unsorted: bool = False, seed: int = SYNTHETIC_SEED, synthetic_sessions: int = SYNTHETIC_SESSIONS,
             synthetic_items: int = SYNTHETIC_ITEMS) -> dict:
-    """Raw data -> session text in out_dir; returns the stats written to stats.json."""
+    """Raw data -> session text in out_dir; returns the stats written to stats.json.
+    protocol: default dsan for raw logs; SR-GNN-format folders are srgnn's by construction."""
+    if dataset == "srgnn":
+        return _prepare_srgnn(out_dir, raw, protocol)
+    protocol = DEFAULT_PROTOCOL if protocol is None else protocol
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
     chosen = PROTOCOLS[protocol]
@@ -322,6 +327,19 @@ def prepare(dataset: str, out_dir, raw=None, protocol: str = DEFAULT_PROTOCOL,
             raise DataError(f"unknown dataset {dataset!r}; choose diginetica, retailrocket or synthetic")
     train, test, info = apply_protocol(sessions, chosen, str(raw or "synthetic"))
     return write_dataset(out_dir, train, test, chosen, source, info)
+
+
+def _prepare_srgnn(out_dir, raw, protocol) -> dict:
+    from .srgnn import read_srgnn
+
+    if protocol not in (None, "srgnn"):
+        raise DataError(f"prepare srgnn: the SR-GNN files are expanded under the srgnn protocol already; "
+                        f"--protocol {protocol} cannot apply")
+    if raw is None:
+        raise DataError("prepare srgnn: --raw DIR is required (the folder with train.txt/test.txt or all_train_seq.txt)")
+    train, test, source = read_srgnn(raw)
+    n_items = len({i for s in train for i in s})
+    return write_dataset(out_dir, train, test, PROTOCOLS["srgnn"], source, {"n_items": n_items})
 
 
 # ---------------------------------------------------------------- loading
@@ -368,7 +386,8 @@ def read_session_file(path) -> list[list[int]]:
 
 
 def read_stats(path) -> dict:
-    """stats.json as `prepare` writes it: a JSON object with a known `protocol` and an integer `n_items`."""
+    """stats.json as `prepare` writes it: a JSON object with a known `protocol` and a positive
+    integer `n_items`, which may be left out (a stats.json written by hand: {"protocol": "srgnn"})."""
     try:
         stats = json.loads("".join(text for _, text in read_lines(path)))  # a BOM is dropped, bad bytes named
     except json.JSONDecodeError as e:
@@ -380,7 +399,7 @@ def read_stats(path) -> dict:
     if stats.get("protocol") not in PROTOCOLS:
         raise DataError(f"{path}: \"protocol\" must be one of {', '.join(PROTOCOLS)}, got {stats.get('protocol')!r}")
     n_items = stats.get("n_items")
-    if not isinstance(n_items, int) or isinstance(n_items, bool) or n_items < 1:
+    if "n_items" in stats and (not isinstance(n_items, int) or isinstance(n_items, bool) or n_items < 1):
         raise DataError(f"{path}: \"n_items\" must be a positive integer, got {n_items!r}")
     return stats
 
@@ -430,7 +449,10 @@ class SessionData:
 
         ids = np.unique(np.fromiter((i for s in train for i in s), dtype=np.int64))
         n_items = len(ids)
-        if stats is not None and stats["n_items"] != n_items:
+        if stats is not None and "n_items" not in stats:
+            notes.append(f"{stats_path}: no n_items; {n_items} items, from the distinct ids of "
+                         f"{directory / 'train.txt'}")
+        elif stats is not None and stats["n_items"] != n_items:
             raise DataError(f"{stats_path}: n_items is {stats['n_items']}, but {directory / 'train.txt'} has "
                             f"{n_items} distinct item ids")
         original_ids = None
