@@ -412,6 +412,17 @@ KNOWN_COUNTEREXAMPLES = {
     # -4.659e-8 (2% of the largest entry; bound 5e-5), dk not summing to zero: dS = p (dP - sum p dP) cancels in
     # float32 (the same formula as the float32 composite's; relative to the terms summed the error is ~ulp).
     "float32 saturated softmax": dict(_MINIMAL, dtype=torch.float32, alpha=1.0, Lk=2, spread=100.0, seed=1),
+    # float32, alpha = 2, ordinary scores (Lq = Lk = 63, E = 128, spread 3, max |score| 13.6): output off by
+    # 1.5e-5 (bound 1.36e-5). Found by the long profile. The float32 composite (float32 scores, entmax_cuda.entmax,
+    # float32 P V) is off by 1.35e-5 too: the bound is about what rounding the scores to float32 at E = 128 costs.
+    "float32 alpha 2 random scores": dict(_MINIMAL, dtype=torch.float32, alpha=2.0, Hq=2, Lq=63, E=128, Ev=128,
+                                          spread=3.0, seed=4),
+    # float32, alpha = 1.875, flat (Hq = 3, Lq = 63, Lk = 64, E = 1, spread 1e-2): grad q off by 6.6e-5 of its
+    # largest entry (bound 5e-5). Found by the long profile: on a flat support near alpha = 2 the float32
+    # entries carry relative errors up to ~1e-4 (1 + eps (u - t) cancels when p^(alpha-1) is small), as in the
+    # entmax op (FLAT_SUPPORT_Z in test_entmax_properties.py).
+    "float32 alpha 1.875 flat gradients": dict(_MINIMAL, dtype=torch.float32, alpha=1.875, Hq=3, Lq=63, Lk=64,
+                                               spread=1e-2),
     # float64: output off by 2.2e-11 (bound 1e-11), row 19; entmax_cuda.entmax equals the reference there
     # exactly. The fused row took 1 evaluation (the start path: t = the candidates' subset threshold) and its
     # 1/sum p is 1 + 9.0e-12 (support of 3, smallest p 1.9e-3: z = p^3 ~ 7e-9).
