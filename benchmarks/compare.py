@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-TARGET_SHARE = 0.60  # issue 11: >= 60 % of copy bandwidth on every shape of >= 64 MB
+TARGET_SHARE = 0.60  # the operator's target: >= 60 % of copy bandwidth on every shape of >= 64 MB
 
 
 def load(spec):

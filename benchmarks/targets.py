@@ -1,4 +1,4 @@
-"""The speed targets of issue 11, checked on a bench_entmax.py result (JSON), one line per case.
+"""The entmax operator's speed targets, checked on a bench_entmax.py result (JSON), one line per case.
 
     python benchmarks/targets.py out/benchmarks/bench_entmax_cuda.json
 

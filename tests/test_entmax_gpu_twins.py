@@ -131,7 +131,7 @@ def test_twin_backward_of_float64_rows_matches_reference(n, blocks):
 @pytest.mark.parametrize("alpha", [2.1, 2.5, 3.0])
 @pytest.mark.parametrize("n,blocks", [(4, 1), (1500, 2)])
 def test_twin_backward_at_the_support_edge_runs_in_double(n, blocks, alpha):
-    # the CUDA kernels' double pass for float rows with alpha > 2 (issue 11 item 4)
+    # the CUDA kernels' double pass for float rows with alpha > 2
     from test_entmax_backward import EDGE_PS, _rows_with_an_entry_at_the_support_edge
 
     rows = _rows_with_an_entry_at_the_support_edge(alpha, EDGE_PS)
