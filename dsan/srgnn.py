@@ -19,9 +19,6 @@ from pathlib import Path
 
 from .errors import DataError
 
-FILES = ("train.txt", "test.txt", "all_train_seq.txt")
-
-
 class _BuiltinsOnly(pickle.Unpickler):
     """Builds lists, tuples, dicts, sets, strings and numbers; any global is refused."""
 
@@ -45,13 +42,17 @@ def load_pickle(path: Path):
         raise DataError(f"{path}: not a readable pickle of lists ({type(e).__name__}: {str(e)[:120]})") from None
 
 
+def _check_id(item, path: Path, what: str) -> None:
+    if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+        raise DataError(f"{path}: {what} holds {item!r}; item ids are integers >= 1")
+
+
 def _id_list(value, path: Path, what: str) -> list[int]:
     if not isinstance(value, (list, tuple)) or not value:
         raise DataError(f"{path}: {what} must be a non-empty list of item ids, got {type(value).__name__} "
                         f"{str(value)[:60]}")
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-            raise DataError(f"{path}: {what} holds {item!r}; item ids are integers >= 1")
+        _check_id(item, path, what)
     return list(value)
 
 
@@ -63,8 +64,7 @@ def _pairs(obj, path: Path) -> tuple[list, list]:
         raise DataError(f"{path}: {len(prefixes)} prefixes but {len(targets)} targets")
     prefixes = [_id_list(p, path, f"prefix {i}") for i, p in enumerate(prefixes)]
     for i, t in enumerate(targets):
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise DataError(f"{path}: target {i} is {t!r}; item ids are integers >= 1")
+        _check_id(t, path, f"target {i}")
     return prefixes, list(targets)
 
 

@@ -38,8 +38,8 @@ class AdaptiveEntmax(nn.Module):
                 f"AdaptiveEntmax: a learned alpha = 1 + sigmoid(a) lies in (1, 2), so alpha_init must too, got "
                 f"{alpha_init} (learn_alpha=False keeps any alpha >= 1 fixed)"
             )
-        if not learn_alpha and not (math.isfinite(alpha_init) and alpha_init >= 1.0):
-            raise ValueError(f"AdaptiveEntmax: a fixed alpha must be a finite float >= 1, got {alpha_init}")
+        if not learn_alpha:
+            check_alpha("AdaptiveEntmax", alpha_init)
         if n_heads is not None and (isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1):
             raise ValueError(f"AdaptiveEntmax: n_heads must be a positive integer, got {n_heads!r}")
         if n_heads is not None and head_dim >= 0:
@@ -68,10 +68,8 @@ class AdaptiveEntmax(nn.Module):
 
     def alpha(self) -> torch.Tensor:
         """The current alpha: shape (H,) per head, or (1,); float32 (float64 if the module is)."""
-        if not self.learn_alpha:
-            return self.alpha_fixed.to(torch.promote_types(self.alpha_fixed.dtype, torch.float32))
-        a = self.alpha_logit
-        return 1.0 + torch.sigmoid(a.to(torch.promote_types(a.dtype, torch.float32)))
+        # _apply keeps both tensors at float32 or wider
+        return self.alpha_fixed if not self.learn_alpha else 1.0 + torch.sigmoid(self.alpha_logit)
 
     def _alpha_for(self, scores: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha().to(scores.device)

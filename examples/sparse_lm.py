@@ -210,7 +210,7 @@ def train(args, run: str, train_data, valid_data, out: Path) -> dict:
     probe = windows(valid_data, eval_starts[:8], args.context)[0]
     state = {"step": 0, "history": [], "train_seconds": 0.0, "tokens": 0}
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["settings"] != settings:
             raise SystemExit(f"sparse_lm: {path} was written with other settings ({saved['settings']}); "
                              "use another --out")

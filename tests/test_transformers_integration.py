@@ -366,9 +366,8 @@ def test_attention_arguments_the_kernels_cannot_take_are_refused(name):
     model = hf.use_entmax_attention(llama())
     module = model.model.layers[0].self_attn
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
-    from entmax_cuda.integrations.transformers import entmax_attention_forward
     with pytest.raises(NotImplementedError, match=name):
-        entmax_attention_forward(module, q, k, k, None, **{name: torch.ones(1)})
+        hf.entmax_attention_forward(module, q, k, k, None, **{name: torch.ones(1)})
 
 
 def test_selecting_entmax_without_use_entmax_attention_says_what_to_call():

@@ -239,9 +239,9 @@ def from_pretrained(model_class, name_or_path: str, **kwargs) -> nn.Module:
                          f"{CONFIG_KEY!r}); load it with {model_class.__name__}.from_pretrained and call "
                          "use_entmax_attention")
     use_entmax_attention(model, **settings)
-    keys = [k for k in model.state_dict() if f".{SUBMODULE}." in f".{k}"]
-    saved = _checkpoint_tensors(name_or_path, keys, kwargs)
     state = model.state_dict()
+    keys = [k for k in state if f".{SUBMODULE}." in f".{k}"]
+    saved = _checkpoint_tensors(name_or_path, keys, kwargs)
     with torch.no_grad():
         for k, t in saved.items():
             state[k].copy_(t)
